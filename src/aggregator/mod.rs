@@ -1,0 +1,1 @@
+//! The aggregator role: QUIC server → durable store (group-committed WAL) → sinks.

@@ -1,0 +1,1 @@
+//! Collector inputs (stdin, tail, ...). Each runs as a tokio task sending `InputBatch`es.

@@ -1,0 +1,4 @@
+//! The collector role: inputs → parse/label → per-stream accumulation → routed batches → QUIC.
+
+pub mod input;
+pub mod record;

@@ -1,0 +1,1 @@
+//! QUIC + mutual TLS between nodes, and certificate creation.
