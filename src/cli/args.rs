@@ -1,0 +1,316 @@
+//! Raw command-line arguments (clap derive). Every node flag is also a key of the TOML
+//! config file (`--config`) and a `LOGMESH_<KEY>` environment variable; `config.rs` layers
+//! them (flags win over env over file) and validates the result before anything starts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "logmesh", version, about = "A service-discovery-aware peer mesh of log aggregators", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run an aggregator: accept batches over QUIC, make them durable, write them to sinks.
+    Aggregator(Box<AggregatorArgs>),
+    /// Run a collector: read logs, parse and label them, push each stream to its aggregator.
+    Collector(Box<CollectorArgs>),
+    /// Create a cluster CA and node certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Print a new random gossip key (base64, 32 bytes) for --gossip-key-file.
+    Keygen,
+    /// Show the mesh as a node sees it.
+    Status(StatusArgs),
+    /// Drive a real collector → aggregator pipeline over loopback and report throughput.
+    Bench(BenchArgs),
+    /// Start a local mesh (3 aggregators, 2 collectors, gossip, self-made certificates) and
+    /// show logs flowing and rebalancing. Ctrl-C stops it.
+    Demo(DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Write a new cluster CA: DIR/ca.pem and DIR/ca.key.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Replace an existing CA (every node certificate must then be reissued).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write DIR/NAME.pem and DIR/NAME.key, signed by the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node id (a DNS label, e.g. agg-1); collectors check aggregators by it.
+        #[arg(long)]
+        name: String,
+        /// aggregator, collector or admin.
+        #[arg(long)]
+        role: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+/// Flags shared by both node roles.
+#[derive(Args, Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct NodeArgs {
+    /// TOML file with the same keys as the flags (flags and LOGMESH_* env vars win).
+    #[arg(long, env = "LOGMESH_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This node's id (default: the host name). Must match its certificate's name.
+    #[arg(long, env = "LOGMESH_NODE_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Directory for state: spool, write-ahead buffer, checkpoints (default ./logmesh-data/<node-id>).
+    #[arg(long, env = "LOGMESH_DATA_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory holding ca.pem, <node-id>.pem and <node-id>.key.
+    #[arg(long, env = "LOGMESH_TLS_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
+    /// CA certificate (overrides --tls-dir).
+    #[arg(long, env = "LOGMESH_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Node certificate (overrides --tls-dir).
+    #[arg(long, env = "LOGMESH_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Node private key (overrides --tls-dir).
+    #[arg(long, env = "LOGMESH_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// Admin HTTP address (/healthz, /metrics, /status). Default 127.0.0.1:7401 (aggregator), 127.0.0.1:7501 (collector).
+    #[arg(long, env = "LOGMESH_ADMIN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
+    /// Plaintext-equivalent mode for experiments: no certificate checks, unencrypted gossip.
+    #[arg(long, env = "LOGMESH_INSECURE")]
+    #[serde(skip_serializing_if = "is_false")]
+    pub insecure: bool,
+    /// Membership backend: gossip (default), etcd or static.
+    #[arg(long, env = "LOGMESH_DISCOVERY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<String>,
+    /// Zone label advertised to the mesh.
+    #[arg(long, env = "LOGMESH_ZONE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Ring weight of an aggregator (virtual nodes scale with it). Default 1.
+    #[arg(long, env = "LOGMESH_WEIGHT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Gossip UDP address (default 0.0.0.0:7946).
+    #[arg(long, env = "LOGMESH_GOSSIP_ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_addr: Option<String>,
+    /// Address this node's gossip is reachable at, if not --gossip-addr (e.g. behind NAT).
+    #[arg(long, env = "LOGMESH_GOSSIP_ADVERTISE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_advertise: Option<String>,
+    /// Seed to join (host:port or DNS name; repeatable). Retried until one answers.
+    #[arg(long, env = "LOGMESH_JOIN", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub join: Vec<String>,
+    /// Cluster name; keeps meshes on one network apart (default "logmesh").
+    #[arg(long, env = "LOGMESH_CLUSTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Gossip keyring: base64 32-byte keys, one per line; the first encrypts, all decrypt.
+    #[arg(long, env = "LOGMESH_GOSSIP_KEY_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip_key_file: Option<PathBuf>,
+    /// etcd endpoint URL (repeatable), for --discovery etcd.
+    #[arg(long, env = "LOGMESH_ETCD", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub etcd: Vec<String>,
+    /// etcd key prefix (default /logmesh).
+    #[arg(long, env = "LOGMESH_ETCD_PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_prefix: Option<String>,
+    /// etcd lease TTL in seconds (default 10).
+    #[arg(long, env = "LOGMESH_ETCD_TTL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_ttl: Option<u64>,
+    #[arg(long, env = "LOGMESH_ETCD_USER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "LOGMESH_ETCD_PASSWORD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_password: Option<String>,
+    /// CA bundle for etcd TLS.
+    #[arg(long, env = "LOGMESH_ETCD_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_ca: Option<PathBuf>,
+    #[arg(long, env = "LOGMESH_ETCD_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "LOGMESH_ETCD_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_key: Option<PathBuf>,
+    /// Log format of logmesh itself: text or json.
+    #[arg(long, env = "LOGMESH_LOG_FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+    /// Log filter (tracing EnvFilter syntax), default "info".
+    #[arg(long, env = "LOGMESH_LOG_LEVEL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Args, Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct AggregatorArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub node: NodeArgs,
+    /// QUIC listen address (default 0.0.0.0:7400).
+    #[arg(long, env = "LOGMESH_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Address collectors should dial, if not --listen (required when listening on 0.0.0.0 across hosts).
+    #[arg(long, env = "LOGMESH_ADVERTISE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// File sink: one NDJSON file per stream under this directory (default <data-dir>/out).
+    #[arg(long, env = "LOGMESH_OUT_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out_dir: Option<PathBuf>,
+    /// Largest accepted batch, uncompressed (default 64 MiB).
+    #[arg(long, env = "LOGMESH_MAX_BATCH_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_bytes: Option<u64>,
+    /// Bound of the write-ahead buffer; beyond it batches are refused as busy (default 1 GiB).
+    #[arg(long, env = "LOGMESH_BUFFER_MAX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffer_max_bytes: Option<u64>,
+    /// Seconds to drain on SIGTERM before exiting anyway (default 30).
+    #[arg(long, env = "LOGMESH_DRAIN_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Args, Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct CollectorArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub node: NodeArgs,
+    /// Read records from standard input, one per line; exit after EOF once all are acknowledged.
+    #[arg(long, env = "LOGMESH_STDIN")]
+    #[serde(skip_serializing_if = "is_false")]
+    pub stdin: bool,
+    /// Follow files matching GLOB (repeatable); survives rotation; positions kept in the data dir.
+    #[arg(long, env = "LOGMESH_TAIL", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tail: Vec<String>,
+    /// auto | json | logfmt | raw | regex:<re with named captures> (default auto).
+    #[arg(long, env = "LOGMESH_FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Tag of the records (default: stdin, or the file's base name).
+    #[arg(long, env = "LOGMESH_TAG")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Static label k=v added to every record (repeatable).
+    #[arg(long, env = "LOGMESH_LABEL", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub label: Vec<String>,
+    /// Stream key template, e.g. '{tag}' (default), '{svc}', '{namespace}/{app}'.
+    #[arg(long, env = "LOGMESH_STREAM_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_key: Option<String>,
+    /// Longer records are truncated and marked _truncated (default 1048576).
+    #[arg(long, env = "LOGMESH_MAX_RECORD_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_record_bytes: Option<usize>,
+    /// Seal a batch at this many uncompressed bytes (default 1048576).
+    #[arg(long, env = "LOGMESH_BATCH_MAX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_max_bytes: Option<usize>,
+    /// Seal a batch when its oldest record is this old (default 200ms).
+    #[arg(long, env = "LOGMESH_BATCH_LINGER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_linger: Option<String>,
+    /// Batches in flight at once over all aggregators (default 64).
+    #[arg(long, env = "LOGMESH_MAX_INFLIGHT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_inflight: Option<usize>,
+    /// A batch not acknowledged within this time goes to the next owner (default 5s).
+    #[arg(long, env = "LOGMESH_ACK_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_timeout: Option<String>,
+    /// On EOF/SIGTERM, wait this long for acknowledgements before exiting non-zero (default 30s).
+    #[arg(long, env = "LOGMESH_DRAIN_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<String>,
+    /// With --discovery static: ID@HOST:PORT,ID@HOST:PORT,...
+    #[arg(long, env = "LOGMESH_STATIC_AGGREGATORS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub static_aggregators: Option<String>,
+    /// zstd level for batches (default 1).
+    #[arg(long, env = "LOGMESH_ZSTD_LEVEL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zstd_level: Option<i32>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Admin URL of any node, e.g. http://127.0.0.1:7401
+    #[arg(long, default_value = "http://127.0.0.1:7401")]
+    pub admin: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Number of aggregators to start.
+    #[arg(long, default_value_t = 1)]
+    pub aggregators: usize,
+    /// Records to send.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub records: u64,
+    /// Size of each JSON record in bytes (approximately).
+    #[arg(long, default_value_t = 200)]
+    pub record_bytes: usize,
+    /// Distinct stream keys.
+    #[arg(long, default_value_t = 64)]
+    pub streams: usize,
+    /// Working directory (default: a fresh temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Extra flags passed to every collector (e.g. "--zstd-level 3").
+    #[arg(long, allow_hyphen_values = true)]
+    pub collector_args: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Working directory (default: ./logmesh-demo).
+    #[arg(long, default_value = "logmesh-demo")]
+    pub dir: PathBuf,
+    /// Records per second per collector.
+    #[arg(long, default_value_t = 200)]
+    pub rate: u64,
+    /// Stop by itself after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    pub duration: Option<u64>,
+}
