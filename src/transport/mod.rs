@@ -1,2 +1,25 @@
 //! QUIC + mutual TLS between nodes, and certificate creation.
-pub mod quic { pub async fn connect(_e: &quinn::Endpoint, _a: std::net::SocketAddr, _id: &str) -> Result<quinn::Connection, std::io::Error> { Err(std::io::Error::other("transport not merged")) } }
+//!
+//! - [`certs`]: the cluster CA and node certificates (`logmesh certs`), identity encoding.
+//! - [`tls`]: loading/validating a node's TLS files, rustls configs, peer identities.
+//! - [`quic`]: quinn endpoints, `connect`, bounded frame reads.
+//!
+//! This module moves bytes and authenticates peers; it must not parse batches or route.
+
+pub mod certs;
+mod error;
+pub mod quic;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests;
+pub mod tls;
+
+pub use certs::{CertError, CertRole};
+pub use error::TransportError;
+pub use quic::{
+    client_endpoint, client_endpoint_for, connect, read_frame, request, respond, server_endpoint,
+    QuicTuning,
+};
+pub use tls::{
+    authorize, check_peer, identity_from_cert, peer_identity, PeerIdentity, Security, TlsFiles,
+};
