@@ -63,10 +63,7 @@ pub fn read_file(path: &Path) -> Result<toml::Table, ConfigErrors> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
-            errs.push(
-                "config",
-                format!("cannot read {}: {e}", path.display()),
-            );
+            errs.push("config", format!("cannot read {}: {e}", path.display()));
             return Err(errs);
         }
     };
@@ -76,7 +73,10 @@ pub fn read_file(path: &Path) -> Result<toml::Table, ConfigErrors> {
             .map(|(k, v)| (k.replace('_', "-"), v))
             .collect()),
         Err(e) => {
-            errs.push("config", format!("{} is not valid TOML: {e}", path.display()));
+            errs.push(
+                "config",
+                format!("{} is not valid TOML: {e}", path.display()),
+            );
             Err(errs)
         }
     }
@@ -95,7 +95,7 @@ where
         for (k, v) in file {
             if k == "config" {
                 errs.push("config", "a config file cannot name another config file");
-            } else if known.iter().any(|n| *n == k) {
+            } else if known.contains(&k) {
                 merged.insert(k, v);
             } else if !extra_keys.contains(&k.as_str()) {
                 errs.push(&k, "unknown key (see config.example.toml for every key)");
@@ -131,7 +131,8 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
             return Ok(std::time::Duration::from_secs_f64(secs));
         }
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 200ms, 5s or 1m"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 200ms, 5s or 1m"))
 }
 
 /// Parse a socket address, resolving a host name if needed.
@@ -153,12 +154,19 @@ mod tests {
 
     #[test]
     fn flags_win_over_file_and_unknown_keys_are_named() {
-        let file: toml::Table = "node_id = \"from-file\"\nlisten = \"127.0.0.1:9\"\nout-dir = \"/x\""
-            .parse()
-            .unwrap();
-        let file: toml::Table = file.into_iter().map(|(k, v)| (k.replace('_', "-"), v)).collect();
+        let file: toml::Table =
+            "node_id = \"from-file\"\nlisten = \"127.0.0.1:9\"\nout-dir = \"/x\""
+                .parse()
+                .unwrap();
+        let file: toml::Table = file
+            .into_iter()
+            .map(|(k, v)| (k.replace('_', "-"), v))
+            .collect();
         let mut cli = AggregatorArgs::default();
-        cli.node.node_id = Some("from-flag".into());
+        cli.node = crate::cli::NodeArgs {
+            node_id: Some("from-flag".into()),
+            ..Default::default()
+        };
         let a = layer(&cli, Some(file), &[]).unwrap();
         assert_eq!(a.node.node_id.as_deref(), Some("from-flag"));
         assert_eq!(a.listen.as_deref(), Some("127.0.0.1:9"));
@@ -171,9 +179,13 @@ mod tests {
 
     #[test]
     fn lists_and_bools_layer() {
-        let file: toml::Table = "tail = [\"/a/*.log\"]\nstdin = true\nlabel = [\"env=prod\"]".parse().unwrap();
-        let mut cli = CollectorArgs::default();
-        cli.label = vec!["host=h1".into()];
+        let file: toml::Table = "tail = [\"/a/*.log\"]\nstdin = true\nlabel = [\"env=prod\"]"
+            .parse()
+            .unwrap();
+        let cli = CollectorArgs {
+            label: vec!["host=h1".into()],
+            ..Default::default()
+        };
         let a = layer(&cli, Some(file), &[]).unwrap();
         assert_eq!(a.tail, vec!["/a/*.log"]);
         assert!(a.stdin);

@@ -1,7 +1,6 @@
 //! Prometheus metrics of a node (prometheus-client). Counters are atomics updated per batch,
 //! never per record. Names are documented in README.md; `/metrics` serves [`Metrics::encode`].
 
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -110,7 +110,7 @@ impl Ring {
         let mut out: Vec<String> = Vec::with_capacity(self.nodes.len());
         if let Some(all) = self.ring.get_with_replicas(&key, self.ring.len()) {
             for v in all {
-                if !out.iter().any(|n| *n == v.node) {
+                if !out.contains(&v.node) {
                     out.push(v.node);
                     if out.len() == self.nodes.len() {
                         break;
@@ -240,7 +240,10 @@ mod tests {
         }
         for (n, s) in shares {
             let sampled = counts[&n] as f64 / ks.len() as f64;
-            assert!((sampled - s).abs() < 0.02, "{n}: share {s} sampled {sampled}");
+            assert!(
+                (sampled - s).abs() < 0.02,
+                "{n}: share {s} sampled {sampled}"
+            );
         }
     }
 

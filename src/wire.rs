@@ -218,8 +218,8 @@ pub fn decode_batch(frame: &[u8], max_raw: usize) -> Result<DecodedBatch, WireEr
             max: max_raw,
         });
     }
-    let payload = zstd::bulk::decompress(rest, raw_len)
-        .map_err(|e| WireError::Decompress(e.to_string()))?;
+    let payload =
+        zstd::bulk::decompress(rest, raw_len).map_err(|e| WireError::Decompress(e.to_string()))?;
     if payload.len() != raw_len {
         return Err(WireError::LengthMismatch {
             expected: raw_len,
@@ -361,7 +361,11 @@ mod tests {
     #[test]
     fn ack_roundtrip() {
         let mut out = Vec::new();
-        for a in [Ack::Committed, Ack::Busy("full".into()), Ack::Rejected("no".into())] {
+        for a in [
+            Ack::Committed,
+            Ack::Busy("full".into()),
+            Ack::Rejected("no".into()),
+        ] {
             encode_ack(&a, &mut out);
             assert_eq!(decode_ack(&out).unwrap(), a);
         }

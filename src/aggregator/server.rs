@@ -74,9 +74,9 @@ pub async fn serve(
                 }
             };
             if !cfg.insecure {
-                match transport::peer_identity(&conn)
-                    .and_then(|id| transport::authorize(&id, &[CertRole::Collector, CertRole::Admin]).map(|_| id))
-                {
+                match transport::peer_identity(&conn).and_then(|id| {
+                    transport::authorize(&id, &[CertRole::Collector, CertRole::Admin]).map(|_| id)
+                }) {
                     Ok(id) => tracing::debug!(%remote, peer = %id.name, "collector connected"),
                     Err(e) => {
                         tracing::warn!(%remote, error = %e, "refusing connection");

@@ -169,14 +169,18 @@ impl Link for MemLink {
                 reason: e.to_string(),
             })?;
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if st
-                .seen
-                .insert((format!("{id}/{}", batch.header.collector), batch.header.batch_id))
-            {
+            if st.seen.insert((
+                format!("{id}/{}", batch.header.collector),
+                batch.header.batch_id,
+            )) {
                 let entry = st.received.entry(id.to_string()).or_default();
                 for c in &batch.chunks {
                     let key = batch.key(c).to_string();
-                    for line in batch.data(c).split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                    for line in batch
+                        .data(c)
+                        .split(|b| *b == b'\n')
+                        .filter(|l| !l.is_empty())
+                    {
                         entry.push((key.clone(), String::from_utf8_lossy(line).into_owned()));
                     }
                 }

@@ -180,9 +180,9 @@ impl Sender {
                 && drain_deadline.is_none()
                 && self.ready.is_empty()
                 && (self.unacked_bytes as usize) < self.cfg.max_buffered_bytes;
-            self.metrics
-                .backpressure
-                .set(i64::from(input_open && !can_read && drain_deadline.is_none()));
+            self.metrics.backpressure.set(i64::from(
+                input_open && !can_read && drain_deadline.is_none(),
+            ));
             let wake = self.next_wake();
             tokio::select! {
                 biased;
@@ -287,7 +287,9 @@ impl Sender {
             self.stats
                 .ring_version
                 .store(self.ring.version(), std::sync::atomic::Ordering::Relaxed);
-            self.metrics.ring_version.set((self.ring.version() & 0xffff_ffff) as i64);
+            self.metrics
+                .ring_version
+                .set((self.ring.version() & 0xffff_ffff) as i64);
             self.metrics.ring_members.set(self.ring.len() as i64);
             // batches waiting for an owner may have one now
             let now = Instant::now();
@@ -336,8 +338,12 @@ impl Sender {
             .inflight
             .store(self.inflight.len() as u64, Relaxed);
         self.metrics.buffer_bytes.set(self.unacked_bytes as i64);
-        self.metrics.records_pending.set(self.unacked_records as i64);
-        self.metrics.batches_inflight.set(self.inflight.len() as i64);
+        self.metrics
+            .records_pending
+            .set(self.unacked_records as i64);
+        self.metrics
+            .batches_inflight
+            .set(self.inflight.len() as i64);
     }
 
     fn successors(&mut self, key: &str) -> &[String] {
@@ -428,7 +434,10 @@ impl Sender {
         self.launch_ready();
     }
 
-    fn make_batches(&mut self, mut items: Vec<(StreamChunk, Vec<Delivery>, bool)>) -> Vec<OutBatch> {
+    fn make_batches(
+        &mut self,
+        mut items: Vec<(StreamChunk, Vec<Delivery>, bool)>,
+    ) -> Vec<OutBatch> {
         // primaries and replica copies never share a batch, so counting stays exact
         items.sort_by_key(|(_, _, primary)| !*primary);
         let mut out = Vec::new();
@@ -485,11 +494,7 @@ impl Sender {
             self.parked.push_back((Instant::now(), batch));
             return;
         };
-        let token = self
-            .down_tokens
-            .entry(target.clone())
-            .or_default()
-            .clone();
+        let token = self.down_tokens.entry(target.clone()).or_default().clone();
         let link = self.link.clone();
         let timeout = self.cfg.ack_timeout;
         let ring_version = self.ring.version();
@@ -569,7 +574,8 @@ impl Sender {
             Ok(Ack::Busy(reason)) => {
                 tracing::debug!(aggregator = %target, %reason, "batch refused as busy; re-routing");
                 self.metrics.error("busy");
-                self.avoid.insert(target.clone(), now + Duration::from_millis(500));
+                self.avoid
+                    .insert(target.clone(), now + Duration::from_millis(500));
             }
             Ok(Ack::Rejected(reason)) => {
                 tracing::error!(aggregator = %target, %reason, batch = batch.id, "batch rejected; trying another aggregator");
