@@ -1,0 +1,254 @@
+//! `logmesh aggregator`: validated start-up, then the QUIC server feeding the durable store,
+//! membership, admin HTTP, and a graceful drain on SIGTERM.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::aggregator::server::{self, Committer, ServerConfig};
+use crate::aggregator::sink::file::FileSink;
+use crate::aggregator::store::{CommitOutcome, Store, StoreConfig, StoreError};
+use crate::cli::node::{self, NodeSettings};
+use crate::cli::AggregatorArgs;
+use crate::config::{self, parse_addr, parse_duration, ConfigErrors};
+use crate::metrics::Metrics;
+use crate::transport::{self, QuicTuning};
+use crate::wire::{Ack, DecodedBatch};
+use discovery::{MemberState, Membership, Role};
+
+/// Validated aggregator settings.
+#[derive(Debug, Clone)]
+pub struct AggregatorSettings {
+    pub node: NodeSettings,
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
+    pub out_dir: std::path::PathBuf,
+    pub max_batch_bytes: usize,
+    pub buffer_max_bytes: u64,
+    pub drain_timeout: Duration,
+}
+
+/// Layer file/env/flags and validate everything that can be checked before starting.
+pub fn settings(cli: &AggregatorArgs) -> Result<AggregatorSettings, ConfigErrors> {
+    let file = match &cli.node.config {
+        Some(p) => Some(config::read_file(p)?),
+        None => None,
+    };
+    let a = config::layer(cli, file, &["role"])?;
+    validate(&a)
+}
+
+pub fn validate(a: &AggregatorArgs) -> Result<AggregatorSettings, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let node = node::settings(&a.node, Role::Aggregator, "127.0.0.1:7401", None, &mut errs);
+    let listen = parse_addr(a.listen.as_deref().unwrap_or("0.0.0.0:7400")).unwrap_or_else(|e| {
+        errs.push("listen", e);
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    });
+    let advertise = match &a.advertise {
+        Some(s) => parse_addr(s).unwrap_or_else(|e| {
+            errs.push("advertise", e);
+            listen
+        }),
+        None => listen,
+    };
+    let drain_timeout = parse_duration(a.drain_timeout.as_deref().unwrap_or("30s")).unwrap_or_else(|e| {
+        errs.push("drain-timeout", e);
+        Duration::from_secs(30)
+    });
+    let max_batch_bytes = a.max_batch_bytes.unwrap_or(64 << 20) as usize;
+    if max_batch_bytes < 1024 {
+        errs.push("max-batch-bytes", "must be at least 1024");
+    }
+    let buffer_max_bytes = a.buffer_max_bytes.unwrap_or(1 << 30);
+    match node {
+        Some(node) if errs.is_empty() => Ok(AggregatorSettings {
+            out_dir: a.out_dir.clone().unwrap_or_else(|| node.data_dir.join("out")),
+            node,
+            listen,
+            advertise,
+            max_batch_bytes,
+            buffer_max_bytes,
+            drain_timeout,
+        }),
+        _ => Err(errs),
+    }
+}
+
+struct StoreCommitter {
+    store: Store,
+    metrics: Arc<Metrics>,
+}
+
+impl Committer for StoreCommitter {
+    fn commit(&self, batch: DecodedBatch) -> Pin<Box<dyn Future<Output = Ack> + Send + '_>> {
+        Box::pin(async move {
+            match self.store.commit(batch).await {
+                Ok(CommitOutcome::Committed) => Ack::Committed,
+                Ok(CommitOutcome::Duplicate) => {
+                    self.metrics.batches_duplicate.inc();
+                    Ack::Committed
+                }
+                Err(e @ StoreError::Full { .. }) => {
+                    self.metrics.error("buffer_full");
+                    Ack::Busy(e.to_string())
+                }
+                Err(StoreError::ShuttingDown) => Ack::Busy("aggregator is shutting down".into()),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot store batch");
+                    self.metrics.error("store");
+                    Ack::Busy(e.to_string())
+                }
+            }
+        })
+    }
+}
+
+pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    std::fs::create_dir_all(&s.node.data_dir).with_context(|| {
+        format!("cannot create data dir {}; set --data-dir to a writable directory", s.node.data_dir.display())
+    })?;
+    let admin_listener = admin::bind(s.node.admin).await.with_context(|| {
+        format!("cannot listen on admin address {}; set --admin to a free address", s.node.admin)
+    })?;
+    let admin_addr = admin_listener.local_addr().unwrap_or(s.node.admin);
+    let endpoint = transport::server_endpoint(s.listen, &s.node.security, &QuicTuning::default())
+        .with_context(|| format!("cannot listen for QUIC on {}; set --listen", s.listen))?;
+    let bound = endpoint.local_addr().unwrap_or(s.listen);
+    let advertise = if s.advertise.port() == 0 || s.advertise == s.listen {
+        if bound.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], bound.port()))
+        } else {
+            bound
+        }
+    } else {
+        s.advertise
+    };
+
+    let file_sink = FileSink::new(&s.out_dir)
+        .with_context(|| format!("cannot use --out-dir {}", s.out_dir.display()))?;
+    let mut store_cfg = StoreConfig::new(s.node.data_dir.join("store"));
+    store_cfg.max_buffer_bytes = s.buffer_max_bytes;
+    let store = Store::open(store_cfg, vec![Box::new(file_sink)])
+        .await
+        .context("cannot open the write-ahead buffer")?;
+
+    let mut member = s.node.member(advertise);
+    member.admin_addr = admin_addr;
+    let membership = Membership::start(s.node.backend.clone(), member.clone(), cancel.clone())
+        .await
+        .context("cannot start membership")?;
+
+    let accepting = Arc::new(AtomicBool::new(true));
+    let ready = Arc::new(AtomicBool::new(false));
+    let stats_store = store.clone();
+    admin::spawn(
+        admin_listener,
+        AdminState {
+            node_id: s.node.id.clone(),
+            role: Role::Aggregator,
+            metrics: metrics.clone(),
+            membership: membership.clone(),
+            ready: ready.clone(),
+            started: Instant::now(),
+            stats: Arc::new(move || {
+                let st = stats_store.stats();
+                serde_json::json!({
+                    "buffered_bytes": st.buffered_bytes,
+                    "committed_batches": st.committed_batches,
+                    "committed_records": st.committed_records,
+                    "duplicates": st.duplicates,
+                    "fsyncs": st.fsyncs,
+                    "segments": st.segments,
+                })
+            }),
+        },
+        cancel.clone(),
+    );
+    let server_cancel = CancellationToken::new();
+    let server = tokio::spawn(server::serve(
+        endpoint,
+        ServerConfig {
+            max_batch_bytes: s.max_batch_bytes,
+            insecure: matches!(s.node.security, transport::Security::Insecure),
+        },
+        Arc::new(StoreCommitter {
+            store: store.clone(),
+            metrics: metrics.clone(),
+        }),
+        metrics.clone(),
+        accepting.clone(),
+        server_cancel.clone(),
+    ));
+    // ready: listening and registered
+    member.ready = true;
+    membership.set_local(member.clone()).await.ok();
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(node = %s.node.id, quic = %bound, admin = %admin_addr, out_dir = %s.out_dir.display(), backend = membership.backend(), "aggregator ready");
+
+    // keep buffer gauge fresh
+    {
+        let (store, metrics, cancel) = (store.clone(), metrics.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = t.tick() => {
+                        let st = store.stats();
+                        metrics.buffer_bytes.set(st.buffered_bytes as i64);
+                        metrics.records_out.inc_by(0);
+                    }
+                }
+            }
+        });
+    }
+
+    node::terminated().await;
+    tracing::info!("SIGTERM: leaving the mesh and draining");
+    // 1. announce leaving: collectors stop routing new batches here
+    member.state = MemberState::Leaving;
+    membership.set_local(member.clone()).await.ok();
+    ready.store(false, Ordering::Relaxed);
+    // 2. keep accepting while the news spreads and in-flight batches finish, then stop
+    let grace = Duration::from_millis(2500).min(s.drain_timeout);
+    tokio::select! {
+        _ = tokio::time::sleep(grace) => {}
+        _ = node::terminated() => {
+            tracing::warn!("second signal: exiting now; acknowledged batches stay in the write-ahead buffer");
+            std::process::exit(1);
+        }
+    }
+    accepting.store(false, Ordering::Relaxed);
+    server_cancel.cancel();
+    let _ = server.await;
+    // 3. flush the buffer to the sinks
+    let remaining = s.drain_timeout.saturating_sub(grace);
+    let result = tokio::select! {
+        r = store.shutdown(remaining) => r,
+        _ = node::terminated() => {
+            tracing::warn!("second signal: exiting now; acknowledged batches stay in the write-ahead buffer");
+            std::process::exit(1);
+        }
+    };
+    membership.leave(Duration::from_secs(2)).await.ok();
+    cancel.cancel();
+    match result {
+        Ok(st) => {
+            tracing::info!(committed_records = st.committed_records, "drained; bye");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "drain incomplete: {e}; the rest stays in the write-ahead buffer and is delivered at the next start"
+        )),
+    }
+}

@@ -1,0 +1,237 @@
+//! `logmesh collector`: validated start-up, inputs → pipeline → QUIC link, membership,
+//! admin HTTP; on EOF or SIGTERM a drain that exits 0 only when everything is acknowledged.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::batch::BatchPolicy;
+use crate::cli::node::{self, NodeSettings};
+use crate::cli::CollectorArgs;
+use crate::collector::input::stdin::run_stdin;
+use crate::collector::input::tail::{run_tail, TailConfig};
+use crate::collector::link::QuicLink;
+use crate::collector::parse::Format;
+use crate::collector::record::{parse_label, RecordBuilder, RecordSpec, SeqAllocator};
+use crate::collector::sender::{Outcome, Sender, SenderConfig, SenderStats};
+use crate::collector::template::Template;
+use crate::config::{self, parse_duration, ConfigErrors};
+use crate::metrics::Metrics;
+use crate::transport::{self, QuicTuning};
+use discovery::{Membership, Role};
+
+/// Validated collector settings.
+#[derive(Debug, Clone)]
+pub struct CollectorSettings {
+    pub node: NodeSettings,
+    pub stdin: bool,
+    pub tail: Vec<String>,
+    pub tag: Option<String>,
+    pub spec: RecordSpec,
+    pub sender: SenderConfig,
+}
+
+pub fn settings(cli: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
+    let file = match &cli.node.config {
+        Some(p) => Some(config::read_file(p)?),
+        None => None,
+    };
+    let a = config::layer(cli, file, &["role"])?;
+    validate(&a)
+}
+
+pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let node = node::settings(
+        &a.node,
+        Role::Collector,
+        "127.0.0.1:7501",
+        a.static_aggregators.as_deref(),
+        &mut errs,
+    );
+    if !a.stdin && a.tail.is_empty() {
+        errs.push("stdin", "no input: give --stdin and/or --tail GLOB");
+    }
+    for g in &a.tail {
+        if let Err(e) = glob::Pattern::new(g) {
+            errs.push("tail", format!("{g:?} is not a valid glob: {e}"));
+        }
+    }
+    let id = node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+    let mut spec = RecordSpec::new(id.clone());
+    match a.format.as_deref().unwrap_or("auto").parse::<Format>() {
+        Ok(f) => spec.format = f,
+        Err(e) => errs.push("format", e.to_string()),
+    }
+    match a.stream_key.as_deref().unwrap_or("{tag}").parse::<Template>() {
+        Ok(t) => spec.stream_key = t,
+        Err(e) => errs.push("stream-key", e.to_string()),
+    }
+    for l in &a.label {
+        match parse_label(l) {
+            Ok(kv) => spec.labels.push(kv),
+            Err(e) => errs.push("label", e.to_string()),
+        }
+    }
+    if let Some(m) = a.max_record_bytes {
+        spec.max_record_bytes = m;
+    }
+    if let Err(e) = spec.validate() {
+        errs.push("max-record-bytes", e.to_string());
+    }
+    let mut sc = SenderConfig::new(id);
+    let mut policy = BatchPolicy::default();
+    if let Some(b) = a.batch_max_bytes {
+        if b < 1024 {
+            errs.push("batch-max-bytes", "must be at least 1024");
+        }
+        policy.max_bytes = b;
+        sc.max_batch_bytes = b;
+    }
+    let dur = |v: &Option<String>, key: &str, def: &str, errs: &mut ConfigErrors| {
+        parse_duration(v.as_deref().unwrap_or(def)).unwrap_or_else(|e| {
+            errs.push(key, e);
+            Duration::from_secs(1)
+        })
+    };
+    policy.linger = dur(&a.batch_linger, "batch-linger", "200ms", &mut errs);
+    sc.policy = policy;
+    sc.ack_timeout = dur(&a.ack_timeout, "ack-timeout", "5s", &mut errs);
+    sc.drain_timeout = dur(&a.drain_timeout, "drain-timeout", "30s", &mut errs);
+    if let Some(n) = a.max_inflight {
+        if n == 0 {
+            errs.push("max-inflight", "must be at least 1");
+        }
+        sc.max_inflight = n.max(1);
+    }
+    if let Some(l) = a.zstd_level {
+        if !(-7..=22).contains(&l) {
+            errs.push("zstd-level", "must be between -7 and 22");
+        }
+        sc.zstd_level = l;
+    }
+    match node {
+        Some(node) if errs.is_empty() => Ok(CollectorSettings {
+            node,
+            stdin: a.stdin,
+            tail: a.tail.clone(),
+            tag: a.tag.clone(),
+            spec,
+            sender: sc,
+        }),
+        _ => Err(errs),
+    }
+}
+
+/// Run until the inputs end (stdin EOF) or SIGTERM, then drain. Returns the pipeline outcome.
+pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
+    let cancel = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    std::fs::create_dir_all(&s.node.data_dir).with_context(|| {
+        format!("cannot create data dir {}; set --data-dir to a writable directory", s.node.data_dir.display())
+    })?;
+    let admin_listener = admin::bind(s.node.admin).await.with_context(|| {
+        format!("cannot listen on admin address {}; set --admin to a free address", s.node.admin)
+    })?;
+    let admin_addr = admin_listener.local_addr().unwrap_or(s.node.admin);
+    let endpoint = transport::client_endpoint_for(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &s.node.security,
+        &QuicTuning::default(),
+    )
+    .context("cannot create the QUIC client endpoint")?;
+    let seq = SeqAllocator::open(&s.node.data_dir)
+        .with_context(|| format!("cannot open the id sequence in {}", s.node.data_dir.display()))?;
+    let builder = RecordBuilder::new(Arc::new(s.spec.clone()), seq)
+        .context("invalid record settings")?;
+
+    let mut member = s.node.member(admin_addr);
+    member.ready = true;
+    let membership = Membership::start(s.node.backend.clone(), member, cancel.clone())
+        .await
+        .context("cannot start membership")?;
+
+    let stats = Arc::new(SenderStats::default());
+    let ready = Arc::new(AtomicBool::new(true));
+    let st = stats.clone();
+    admin::spawn(
+        admin_listener,
+        AdminState {
+            node_id: s.node.id.clone(),
+            role: Role::Collector,
+            metrics: metrics.clone(),
+            membership: membership.clone(),
+            ready: ready.clone(),
+            started: Instant::now(),
+            stats: Arc::new(move || {
+                use std::sync::atomic::Ordering::Relaxed;
+                serde_json::json!({
+                    "ring_version": format!("{:016x}", st.ring_version.load(Relaxed)),
+                    "batches_inflight": st.inflight.load(Relaxed),
+                    "buffered_bytes": st.buffered_bytes.load(Relaxed),
+                })
+            }),
+        },
+        cancel.clone(),
+    );
+
+    let (tx, rx) = mpsc::channel(64);
+    let input_cancel = CancellationToken::new();
+    let mut inputs = tokio::task::JoinSet::new();
+    if s.stdin {
+        let (b, tx, c) = (builder.clone(), tx.clone(), input_cancel.clone());
+        let tag = s.tag.clone().unwrap_or_else(|| "stdin".into());
+        inputs.spawn(async move { run_stdin(b, tag, tx, c).await.map(|_| ()) });
+    }
+    if !s.tail.is_empty() {
+        let mut tc = TailConfig::new(s.tail.clone(), s.node.data_dir.clone());
+        tc.tag = s.tag.clone();
+        let (b, tx, c) = (builder.clone(), tx.clone(), input_cancel.clone());
+        inputs.spawn(async move { run_tail(tc, b, tx, c).await });
+    }
+    drop(tx);
+
+    let link = Arc::new(QuicLink::new(endpoint.clone(), Duration::from_secs(1)));
+    let shutdown = CancellationToken::new();
+    let sender = Sender::new(s.sender.clone(), link, metrics.clone(), stats);
+    let mut pipeline = tokio::spawn(sender.run(rx, membership.subscribe(), shutdown.clone()));
+    tracing::info!(node = %s.node.id, admin = %admin_addr, backend = membership.backend(), "collector running");
+
+    let outcome = tokio::select! {
+        r = &mut pipeline => r,
+        _ = node::terminated() => {
+            tracing::info!("SIGTERM: stopping inputs and draining");
+            input_cancel.cancel();
+            shutdown.cancel();
+            tokio::select! {
+                r = &mut pipeline => r,
+                _ = node::terminated() => {
+                    eprintln!("logmesh: second signal, exiting without waiting for acknowledgements");
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+    .context("the pipeline task failed")?;
+    input_cancel.cancel();
+    // inputs save their final checkpoints (covering only what was acknowledged)
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(r) = inputs.join_next().await {
+            if let Ok(Err(e)) = r {
+                tracing::error!(error = %e, "input failed");
+            }
+        }
+    })
+    .await;
+    ready.store(false, Ordering::Relaxed);
+    membership.leave(Duration::from_secs(1)).await.ok();
+    cancel.cancel();
+    endpoint.close(0u32.into(), b"bye");
+    Ok(outcome)
+}
