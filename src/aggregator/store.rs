@@ -395,13 +395,15 @@ impl Store {
                 max: inner.max_buffer,
             });
         }
+        // Reserve first (cancel safe), so `queued_bytes` is only counted for a sent request.
+        let permit = inner
+            .tx
+            .reserve()
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?;
         sh.queued_bytes.fetch_add(size, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
-        let cmd = Cmd::Commit(CommitReq { batch, size, reply });
-        if inner.tx.send(cmd).await.is_err() {
-            sh.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            return Err(StoreError::ShuttingDown);
-        }
+        permit.send(Cmd::Commit(CommitReq { batch, size, reply }));
         rx.await.map_err(|_| StoreError::ShuttingDown)?
     }
 

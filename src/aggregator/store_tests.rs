@@ -419,3 +419,69 @@ async fn rejects_bad_sink_names() {
         assert!(matches!(r, Err(StoreError::Config(_))));
     }
 }
+
+/// Throughput smoke run (prints figures, asserts no timing):
+/// `cargo test --lib aggregator::store::tests::throughput -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_smoke() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut c = StoreConfig::new(tmp.path().join("data"));
+    c.max_buffer_bytes = 4 << 30;
+    let store = Store::open(c, vec![Box::new(FileSink::new(&out).unwrap())])
+        .await
+        .unwrap();
+    // 1 MiB batches: 5000 records of 200 bytes over 50 streams.
+    let line = format!("{{\"msg\":\"{}\"}}\n", "x".repeat(188));
+    let template = |collector: usize, id: u64| {
+        let chunks: Vec<StreamChunk> = (0..50)
+            .map(|s| StreamChunk {
+                key: format!("ns/app{s}"),
+                count: 100,
+                data: line.repeat(100).into_bytes(),
+            })
+            .collect();
+        let mut payload = Vec::new();
+        wire::encode_chunks(&chunks, &mut payload);
+        let idx = wire::parse_chunks(&payload).unwrap();
+        DecodedBatch {
+            header: BatchHeader {
+                collector: format!("c{collector}"),
+                batch_id: id,
+                records: 5000,
+                raw_len: payload.len() as u64,
+                ring_version: 1,
+            },
+            payload,
+            chunks: idx,
+        }
+    };
+    let per = 40u64;
+    let senders = 8;
+    let batches: Vec<Vec<DecodedBatch>> = (0..senders)
+        .map(|c| (0..per).map(|i| template(c, i)).collect())
+        .collect();
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for bs in batches {
+        let s = store.clone();
+        set.spawn(async move {
+            for b in bs {
+                s.commit(b).await.unwrap();
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let committed = start.elapsed();
+    let st = store.shutdown(Duration::from_secs(60)).await.unwrap();
+    let total = start.elapsed();
+    let records = per * senders as u64 * 5000;
+    println!(
+        "{records} records: committed in {committed:?} ({:.0} rec/s, {} fsyncs), delivered to file sink in {total:?} ({:.0} rec/s)",
+        records as f64 / committed.as_secs_f64(),
+        st.fsyncs,
+        records as f64 / total.as_secs_f64()
+    );
+    assert_eq!(st.sinks[0].delivered_records, records);
+}
