@@ -6,3 +6,6 @@ pub mod store;
 pub mod wal;
 
 mod delivery;
+
+pub use sink::{FileSink, Sink, SinkBatch, SinkError, SinkFuture, SinkStream};
+pub use store::{CommitOutcome, SinkStats, Store, StoreConfig, StoreError, StoreStats};
