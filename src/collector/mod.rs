@@ -1,4 +1,6 @@
 //! The collector role: inputs → parse/label → per-stream accumulation → routed batches → QUIC.
 
 pub mod input;
+pub mod parse;
 pub mod record;
+pub mod template;
