@@ -556,28 +556,53 @@ pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let b = s.as_bytes();
     let mut start = 0;
-    for (i, &c) in b.iter().enumerate() {
-        let esc = ESCAPE[c as usize];
-        if esc == 0 {
-            continue;
+    let mut i = 0;
+    while i < b.len() {
+        // skip 8 clean bytes at a time
+        if let Some(w) = b.get(i..).and_then(|r| r.first_chunk::<8>()) {
+            if !needs_escape8(u64::from_le_bytes(*w)) {
+                i += 8;
+                continue;
+            }
         }
-        out.extend_from_slice(&b[start..i]);
-        if esc == UU {
-            out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[(c >> 4) as usize],
-                HEX[(c & 0xf) as usize],
-            ]);
-        } else {
-            out.extend_from_slice(&[b'\\', esc]);
+        let end = (i + 8).min(b.len());
+        while i < end {
+            let c = b[i];
+            let esc = ESCAPE[c as usize];
+            if esc != 0 {
+                out.extend_from_slice(&b[start..i]);
+                if esc == UU {
+                    out.extend_from_slice(&[
+                        b'\\',
+                        b'u',
+                        b'0',
+                        b'0',
+                        HEX[(c >> 4) as usize],
+                        HEX[(c & 0xf) as usize],
+                    ]);
+                } else {
+                    out.extend_from_slice(&[b'\\', esc]);
+                }
+                start = i + 1;
+            }
+            i += 1;
         }
-        start = i + 1;
     }
     out.extend_from_slice(&b[start..]);
     out.push(b'"');
+}
+
+/// Whether any of the 8 bytes is a control character, `"` or a backslash (SWAR, exact).
+#[inline]
+fn needs_escape8(x: u64) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let ctrl = x.wrapping_sub(LO * 0x20) & !x & HI;
+    let q = x ^ (LO * u64::from(b'"'));
+    let quote = q.wrapping_sub(LO) & !q & HI;
+    let bs = x ^ (LO * u64::from(b'\\'));
+    let backslash = bs.wrapping_sub(LO) & !bs & HI;
+    (ctrl | quote | backslash) != 0
 }
 
 #[cfg(test)]
@@ -740,6 +765,14 @@ pub(crate) mod tests {
     }
 
     proptest! {
+        #[test]
+        fn prop_escape_roundtrip_ascii(s in "[ -~\\n\\t\"\\\\\\x00\\x1f\\x7f]{0,40}") {
+            let mut out = Vec::new();
+            write_json_str(&mut out, &s);
+            let back: String = serde_json::from_slice(&out).unwrap();
+            prop_assert_eq!(back, s);
+        }
+
         #[test]
         fn prop_escape_roundtrip(s in any::<String>()) {
             let mut out = Vec::new();

@@ -418,7 +418,8 @@ impl RecordBuilder {
         out.extend_from_slice(b",\"_stream\":");
         write_json_str(out, &self.key);
         out.extend_from_slice(&self.id_prefix);
-        let _ = write!(out, "{}\"", self.seq.next());
+        write_u64(out, self.seq.next());
+        out.push(b'"');
         if truncated {
             out.extend_from_slice(b",\"_truncated\":true");
         }
@@ -477,6 +478,20 @@ fn scan_json<'t>(
             None
         }
     }
+}
+
+fn write_u64(out: &mut Vec<u8>, mut v: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
 }
 
 /// Record a parsed field: its value if the template needs it, its presence if it is a label.

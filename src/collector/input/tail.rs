@@ -18,7 +18,8 @@
 //! the file was truncated while we were down: it is read from 0. Known limits: after a restart,
 //! the rest of a rotated file that no glob matches any more is not read (use a glob such as
 //! `app.log*` to cover rotated names); an inode reused by a new file at least as long as the
-//! old offset continues from that offset.
+//! old offset continues from that offset; a copytruncated file that grows past the old read
+//! position before the next poll is not noticed as truncated (as in other log shippers).
 
 use std::collections::HashMap;
 use std::io::SeekFrom;

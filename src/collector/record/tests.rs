@@ -404,3 +404,48 @@ proptest! {
         prop_assert_eq!(String::from_utf8(out).unwrap(), humantime::format_rfc3339_nanos(t).to_string());
     }
 }
+
+/// Throughput probe (no assertion on speed): `cargo test --release --lib throughput -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput_probe() {
+    for (name, fmt, tmpl) in [
+        ("json {tag}", Format::Json, "{tag}"),
+        ("json {ns}/{app}", Format::Json, "{ns}/{app}"),
+        ("logfmt {app}", Format::Logfmt, "{app}"),
+        ("raw", Format::Raw, "{tag}"),
+    ] {
+        let mut f = fx(|s| {
+            s.format = fmt;
+            s.stream_key = tmpl.parse().unwrap();
+            s.labels = vec![
+                ("host".into(), "node-1".into()),
+                ("cluster".into(), "prod".into()),
+            ];
+        });
+        let lines: Vec<Vec<u8>> = (0..1000)
+            .map(|i| {
+                if name.starts_with("logfmt") {
+                    format!("ts=2024-05-01T12:00:00Z level=info app=app{} ns=prod msg=\"request handled in {i} ms\" path=/api/v1/items/{i} status=200 bytes=1234 user=alice trace=abcdef0123456789", i % 8).into_bytes()
+                } else {
+                    format!(r#"{{"ts":"2024-05-01T12:00:00.000Z","level":"info","app":"app{}","ns":"prod","msg":"request handled in {i} ms","path":"/api/v1/items/{i}","status":200,"bytes":1234,"user":"alice"}}"#, i % 8).into_bytes()
+                }
+            })
+            .collect();
+        let mut acc = Accumulator::new();
+        let n = 2_000_000;
+        let t0 = std::time::Instant::now();
+        for i in 0..n {
+            f.b.push_line("app.log", &lines[i % lines.len()], NOW + i as i64, &mut acc);
+            if acc.records() >= 1000 {
+                drop(acc.take());
+            }
+        }
+        let dt = t0.elapsed();
+        println!(
+            "{name}: {:.0} lines/s ({} bytes/line in)",
+            n as f64 / dt.as_secs_f64(),
+            lines[0].len()
+        );
+    }
+}
