@@ -1,4 +1,10 @@
 //! The command-line edge: argument definitions and the subcommands' entry points.
+//! Errors here are `anyhow` with context that tells the user what to fix.
 
+pub mod aggregator;
 pub mod args;
+pub mod collector;
+mod discovery_cfg;
+pub mod node;
+
 pub use args::*;

@@ -2,5 +2,7 @@
 
 pub mod input;
 pub mod link;
+pub mod parse;
 pub mod record;
 pub mod sender;
+pub mod template;
