@@ -6,7 +6,5 @@ use crate::{BackendCtx, DiscoveryError};
 pub struct GossipConfig {}
 
 pub(crate) async fn spawn(_c: GossipConfig, _ctx: BackendCtx) -> Result<(), DiscoveryError> {
-    Err(DiscoveryError::Config(
-        "gossip backend not built yet".into(),
-    ))
+    Err(DiscoveryError::Config("gossip backend not built yet".into()))
 }
