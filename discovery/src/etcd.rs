@@ -213,6 +213,21 @@ pub(crate) fn resolve(cfg: &EtcdConfig) -> Result<Resolved, DiscoveryError> {
     })
 }
 
+/// `e`'s message followed by its sources (e.g. "tcp connect error: Connection refused").
+fn with_sources(e: &dyn std::error::Error, msg: &str) -> String {
+    let mut out = msg.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        cur = s.source();
+    }
+    out
+}
+
 /// Human-readable description of an etcd failure, naming the endpoints and what to check.
 pub(crate) fn describe(err: &etcd_client::Error, endpoints: &str) -> String {
     use etcd_client::Error as E;
@@ -225,7 +240,7 @@ pub(crate) fn describe(err: &etcd_client::Error, endpoints: &str) -> String {
         {
             format!(
                 "etcd at {endpoints} rejected the credentials ({}); check --etcd-user/--etcd-password and the user's permissions on the prefix",
-                s.message()
+                with_sources(s, s.message())
             )
         }
         E::GRpcStatus(s)
@@ -239,16 +254,21 @@ pub(crate) fn describe(err: &etcd_client::Error, endpoints: &str) -> String {
         {
             format!(
                 "etcd unreachable at {endpoints}: {}; is etcd running and reachable there? check --etcd and the TLS settings",
-                s.message()
+                with_sources(s, s.message())
             )
         }
         E::GRpcStatus(s) => format!(
             "etcd at {endpoints} failed a request: {} ({:?}); is etcd healthy? (etcdctl --endpoints {endpoints} endpoint health)",
-            s.message(),
+            with_sources(s, s.message()),
             s.code()
         ),
+        E::TransportError(t) => format!(
+            "etcd unreachable at {endpoints}: {}; is etcd running and reachable there? check --etcd and the TLS settings",
+            with_sources(t, &t.to_string())
+        ),
         other => format!(
-            "etcd unreachable at {endpoints}: {other}; is etcd running and reachable there? check --etcd and the TLS settings"
+            "etcd unreachable at {endpoints}: {}; is etcd running and reachable there? check --etcd and the TLS settings",
+            with_sources(other, &other.to_string())
         ),
     }
 }

@@ -244,6 +244,7 @@ impl MemberTable {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic on failure
 mod tests {
     use super::*;
 

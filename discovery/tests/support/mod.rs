@@ -119,7 +119,10 @@ impl Etcd {
                 return;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("etcd did not become healthy in 20 s; log:\n{}", self.log_tail());
+                panic!(
+                    "etcd did not become healthy in 20 s; log:\n{}",
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
