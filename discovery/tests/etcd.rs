@@ -431,3 +431,79 @@ async fn config_errors_are_reported() {
     };
     assert!(!format!("{cfg:?}").contains("s3cret"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_auth() {
+    bounded(30, async {
+        let etcd = Etcd::start().await;
+        let mut c = etcd.client().await;
+        c.user_add("root", "rootpw", None).await.unwrap();
+        let _ = c.role_add("root").await; // may already exist
+        c.user_grant_role("root", "root").await.unwrap();
+        c.auth_enable().await.unwrap();
+
+        // Wrong password: start still returns, the view says what to fix.
+        let bad = EtcdConfig {
+            user: Some("root".into()),
+            password: Some("wrong".into()),
+            ..config(&etcd, "/t-auth", 5)
+        };
+        let n = node(&bad, member("agg-bad", Role::Aggregator)).await;
+        let v = n.m.view();
+        let reason = v.degraded_reason.clone().unwrap_or_default();
+        assert!(v.degraded && reason.contains("--etcd-password"), "{v:?}");
+        drop(n);
+
+        let good = EtcdConfig {
+            password: Some("rootpw".into()),
+            ..bad.clone()
+        };
+        let a = node(&good, member("agg-1", Role::Aggregator)).await;
+        let b = node(&good, member("agg-2", Role::Aggregator)).await;
+        let mut rx = b.m.subscribe();
+        wait_view(&mut rx, WAIT, "agg-1 alive with auth", |v| {
+            !v.degraded && state_of(v, "agg-1") == Some(MemberState::Alive)
+        })
+        .await;
+        assert_eq!(read_members(&good).await.unwrap().members.len(), 2);
+        assert!(matches!(
+            read_members(&bad).await,
+            Err(DiscoveryError::Etcd(_))
+        ));
+        drop(a);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificate() {
+    bounded(30, async {
+        let (etcd, tls) = Etcd::start_tls().await;
+        assert!(etcd.url().starts_with("https://"));
+        let cfg = EtcdConfig {
+            tls: Some(tls.clone()),
+            ..config(&etcd, "/t-tls", 5)
+        };
+        let a = node(&cfg, member("agg-1", Role::Aggregator)).await;
+        let b = node(&cfg, member("col-1", Role::Collector)).await;
+        let mut rx = b.m.subscribe();
+        wait_view(&mut rx, WAIT, "agg-1 alive over TLS", |v| {
+            !v.degraded && state_of(v, "agg-1") == Some(MemberState::Alive)
+        })
+        .await;
+        assert_eq!(read_members(&cfg).await.unwrap().members.len(), 2);
+        // Without the client certificate etcd refuses us; start still returns, degraded.
+        let no_cert = EtcdConfig {
+            tls: Some(EtcdTls {
+                cert: None,
+                key: None,
+                ..tls
+            }),
+            ..cfg.clone()
+        };
+        let n = node(&no_cert, member("agg-x", Role::Aggregator)).await;
+        assert!(n.m.view().degraded);
+        drop(a);
+    })
+    .await;
+}

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use discovery::etcd::EtcdTls;
 use discovery::{Member, MemberState, Role, SharedView, View};
-use etcd_client::Client;
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use tokio::sync::watch;
 
 /// Find `etcd` on PATH, or fail saying how to get it.
@@ -37,6 +38,51 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    server_files: Option<(PathBuf, PathBuf)>,
+    /// Serve clients over TLS with these files (CA, client cert and key for `EtcdTls`).
+    tls: Option<EtcdTls>,
+}
+
+/// Write a CA, a server certificate for 127.0.0.1 and a client certificate into `dir`.
+/// Returns the client-side settings and the server's (cert, key) paths.
+fn make_certs(dir: &std::path::Path) -> (EtcdTls, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issue = |sans: Vec<String>, usage: ExtendedKeyUsagePurpose, name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+        let cert_path = dir.join(format!("{name}.pem"));
+        let key_path = dir.join(format!("{name}-key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    };
+    let (server_cert, server_key) = issue(
+        vec!["127.0.0.1".into(), "localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        "server",
+    );
+    let (client_cert, client_key) = issue(
+        vec!["client".into()],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        "client",
+    );
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    (
+        EtcdTls {
+            ca: ca_path,
+            cert: Some(client_cert),
+            key: Some(client_key),
+        },
+        server_cert,
+        server_key,
+    )
 }
 
 impl Etcd {
@@ -45,6 +91,17 @@ impl Etcd {
         let mut e = Etcd::unstarted();
         e.launch().await;
         e
+    }
+
+    /// Start etcd serving clients over TLS, requiring a client certificate. Returns the
+    /// settings a client needs.
+    pub async fn start_tls() -> (Etcd, EtcdTls) {
+        let mut e = Etcd::unstarted();
+        let (client, server_cert, server_key) = make_certs(e.dir.path());
+        e.tls = Some(client.clone());
+        e.server_files = Some((server_cert, server_key));
+        e.launch().await;
+        (e, client)
     }
 
     /// Pick ports and a data dir, but do not start the process yet.
@@ -59,11 +116,27 @@ impl Etcd {
             dir: tempfile::tempdir().expect("tempdir"),
             client_port,
             peer_port,
+            server_files: None,
+            tls: None,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    fn client_options(&self) -> Option<ConnectOptions> {
+        let tls = self.tls.as_ref()?;
+        let read = |p: &PathBuf| std::fs::read(p).unwrap();
+        let (cert, key) = (tls.cert.as_ref().unwrap(), tls.key.as_ref().unwrap());
+        Some(
+            ConnectOptions::new().with_tls(
+                TlsOptions::new()
+                    .ca_certificate(Certificate::from_pem(read(&tls.ca)))
+                    .identity(Identity::from_pem(read(cert), read(key))),
+            ),
+        )
     }
 
     fn log_path(&self) -> PathBuf {
@@ -80,7 +153,17 @@ impl Etcd {
             .expect("open etcd log");
         let client = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(etcd_binary())
+        let mut cmd = Command::new(etcd_binary());
+        if let (Some(tls), Some((cert, key))) = (&self.tls, &self.server_files) {
+            cmd.arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--name")
             .arg("default")
             .arg("--data-dir")
@@ -111,7 +194,9 @@ impl Etcd {
                 panic!("etcd exited with {status}; log:\n{}", self.log_tail());
             }
             let ok = tokio::time::timeout(Duration::from_secs(2), async {
-                let mut c = Client::connect([self.url()], None).await.ok()?;
+                let mut c = Client::connect([self.url()], self.client_options())
+                    .await
+                    .ok()?;
                 c.get("health-probe", None).await.ok()
             })
             .await;
@@ -144,7 +229,7 @@ impl Etcd {
 
     /// A plain client for out-of-band checks.
     pub async fn client(&self) -> Client {
-        Client::connect([self.url()], None)
+        Client::connect([self.url()], self.client_options())
             .await
             .expect("connect test client")
     }
