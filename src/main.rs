@@ -1,1 +1,96 @@
-fn main() {}
+//! The `logmesh` binary: parses the command line and runs a subcommand. Errors end here,
+//! printed with their context chain, and the exit status says how it went.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use logmesh::cli::{self, CertsCommand, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("logmesh: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Aggregator(args) => {
+            let s = cli::aggregator::settings(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
+            cli::node::init_logging(&s.node.log_format, &s.node.log_level);
+            warn_insecure(&s.node.security);
+            runtime()?.block_on(cli::aggregator::run(s))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Collector(args) => {
+            let s = cli::collector::settings(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
+            cli::node::init_logging(&s.node.log_format, &s.node.log_level);
+            warn_insecure(&s.node.security);
+            let out = runtime()?.block_on(cli::collector::run(s))?;
+            if out.undelivered_records > 0 {
+                eprintln!(
+                    "logmesh: {} records were not delivered before the drain timeout ({} delivered)",
+                    out.undelivered_records, out.delivered_records
+                );
+                return Ok(ExitCode::from(1));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::Init { dir, force }) => {
+            logmesh::transport::certs::init_ca(&dir, force)?;
+            println!(
+                "wrote {}/ca.pem and {}/ca.key",
+                dir.display(),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::Issue {
+            dir,
+            name,
+            role,
+            days,
+        }) => {
+            let role: logmesh::transport::CertRole = role.parse()?;
+            logmesh::transport::certs::issue(&dir, &name, role, days)?;
+            println!(
+                "wrote {}/{name}.pem and {}/{name}.key ({role})",
+                dir.display(),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen => {
+            println!("{}", logmesh::discovery::gossip::generate_key());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(a) => {
+            if cli::status::run(&a.admin, a.json)? {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::from(1))
+            }
+        }
+        Command::Bench(_) | Command::Demo(_) => {
+            anyhow::bail!("this subcommand is not built yet")
+        }
+    }
+}
+
+fn warn_insecure(sec: &logmesh::transport::Security) {
+    if matches!(sec, logmesh::transport::Security::Insecure) {
+        tracing::warn!(
+            "--insecure: no certificate checks and unencrypted gossip; for experiments only"
+        );
+    }
+}

@@ -59,10 +59,11 @@ pub fn validate(a: &AggregatorArgs) -> Result<AggregatorSettings, ConfigErrors> 
         }),
         None => listen,
     };
-    let drain_timeout = parse_duration(a.drain_timeout.as_deref().unwrap_or("30s")).unwrap_or_else(|e| {
-        errs.push("drain-timeout", e);
-        Duration::from_secs(30)
-    });
+    let drain_timeout =
+        parse_duration(a.drain_timeout.as_deref().unwrap_or("30s")).unwrap_or_else(|e| {
+            errs.push("drain-timeout", e);
+            Duration::from_secs(30)
+        });
     let max_batch_bytes = a.max_batch_bytes.unwrap_or(64 << 20) as usize;
     if max_batch_bytes < 1024 {
         errs.push("max-batch-bytes", "must be at least 1024");
@@ -70,7 +71,10 @@ pub fn validate(a: &AggregatorArgs) -> Result<AggregatorSettings, ConfigErrors> 
     let buffer_max_bytes = a.buffer_max_bytes.unwrap_or(1 << 30);
     match node {
         Some(node) if errs.is_empty() => Ok(AggregatorSettings {
-            out_dir: a.out_dir.clone().unwrap_or_else(|| node.data_dir.join("out")),
+            out_dir: a
+                .out_dir
+                .clone()
+                .unwrap_or_else(|| node.data_dir.join("out")),
             node,
             listen,
             advertise,
@@ -115,14 +119,21 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     std::fs::create_dir_all(&s.node.data_dir).with_context(|| {
-        format!("cannot create data dir {}; set --data-dir to a writable directory", s.node.data_dir.display())
+        format!(
+            "cannot create data dir {}; set --data-dir to a writable directory",
+            s.node.data_dir.display()
+        )
     })?;
     let admin_listener = admin::bind(s.node.admin).await.with_context(|| {
-        format!("cannot listen on admin address {}; set --admin to a free address", s.node.admin)
+        format!(
+            "cannot listen on admin address {}; set --admin to a free address",
+            s.node.admin
+        )
     })?;
     let admin_addr = admin_listener.local_addr().unwrap_or(s.node.admin);
-    let endpoint = transport::server_endpoint(s.listen, &s.node.security, &QuicTuning::default())
-        .with_context(|| format!("cannot listen for QUIC on {}; set --listen", s.listen))?;
+    let endpoint =
+        transport::server_endpoint(s.listen, &s.node.security, &QuicTuning::default())
+            .with_context(|| format!("cannot listen for QUIC on {}; set --listen", s.listen))?;
     let bound = endpoint.local_addr().unwrap_or(s.listen);
     let advertise = if s.advertise.port() == 0 || s.advertise == s.listen {
         if bound.ip().is_unspecified() {

@@ -69,7 +69,12 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
         Ok(f) => spec.format = f,
         Err(e) => errs.push("format", e.to_string()),
     }
-    match a.stream_key.as_deref().unwrap_or("{tag}").parse::<Template>() {
+    match a
+        .stream_key
+        .as_deref()
+        .unwrap_or("{tag}")
+        .parse::<Template>()
+    {
         Ok(t) => spec.stream_key = t,
         Err(e) => errs.push("stream-key", e.to_string()),
     }
@@ -134,10 +139,16 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
     let cancel = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     std::fs::create_dir_all(&s.node.data_dir).with_context(|| {
-        format!("cannot create data dir {}; set --data-dir to a writable directory", s.node.data_dir.display())
+        format!(
+            "cannot create data dir {}; set --data-dir to a writable directory",
+            s.node.data_dir.display()
+        )
     })?;
     let admin_listener = admin::bind(s.node.admin).await.with_context(|| {
-        format!("cannot listen on admin address {}; set --admin to a free address", s.node.admin)
+        format!(
+            "cannot listen on admin address {}; set --admin to a free address",
+            s.node.admin
+        )
     })?;
     let admin_addr = admin_listener.local_addr().unwrap_or(s.node.admin);
     let endpoint = transport::client_endpoint_for(
@@ -146,10 +157,14 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
         &QuicTuning::default(),
     )
     .context("cannot create the QUIC client endpoint")?;
-    let seq = SeqAllocator::open(&s.node.data_dir)
-        .with_context(|| format!("cannot open the id sequence in {}", s.node.data_dir.display()))?;
-    let builder = RecordBuilder::new(Arc::new(s.spec.clone()), seq)
-        .context("invalid record settings")?;
+    let seq = SeqAllocator::open(&s.node.data_dir).with_context(|| {
+        format!(
+            "cannot open the id sequence in {}",
+            s.node.data_dir.display()
+        )
+    })?;
+    let builder =
+        RecordBuilder::new(Arc::new(s.spec.clone()), seq).context("invalid record settings")?;
 
     let mut member = s.node.member(admin_addr);
     member.ready = true;

@@ -6,5 +6,6 @@ pub mod args;
 pub mod collector;
 mod discovery_cfg;
 pub mod node;
+pub mod status;
 
 pub use args::*;

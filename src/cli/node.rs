@@ -95,17 +95,17 @@ pub fn settings(
         Security::Insecure
     } else {
         let base = a.tls_dir.clone();
-        let pick = |over: &Option<PathBuf>, file: String, key: &str, errs: &mut ConfigErrors| {
-            match (over, &base) {
-                (Some(p), _) => Some(p.clone()),
-                (None, Some(d)) => Some(d.join(file)),
-                (None, None) => {
-                    errs.push(
+        let pick = |over: &Option<PathBuf>, file: String, key: &str, errs: &mut ConfigErrors| match (
+            over, &base,
+        ) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(d)) => Some(d.join(file)),
+            (None, None) => {
+                errs.push(
                         key,
                         "no TLS material: set --tls-dir (made by `logmesh certs`) or --ca/--cert/--key, or run with --insecure for experiments",
                     );
-                    None
-                }
+                None
             }
         };
         let mut terrs = ConfigErrors::default();
@@ -141,7 +141,10 @@ pub fn settings(
     }
     let log_level = a.log_level.clone().unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-        errs.push("log-level", format!("{log_level:?} is not a valid filter (e.g. info, debug, logmesh=debug)"));
+        errs.push(
+            "log-level",
+            format!("{log_level:?} is not a valid filter (e.g. info, debug, logmesh=debug)"),
+        );
     }
     Some(NodeSettings {
         id,
