@@ -81,7 +81,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         }
-        Command::Bench(_) | Command::Demo(_) => {
+        Command::Demo(a) => {
+            cli::demo::run(&a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(_) => {
             anyhow::bail!("this subcommand is not built yet")
         }
     }

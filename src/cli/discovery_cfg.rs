@@ -3,11 +3,42 @@
 use crate::cli::NodeArgs;
 use crate::config::ConfigErrors;
 use discovery::etcd::{EtcdConfig, EtcdTls};
-use discovery::gossip::GossipConfig;
+use discovery::gossip::{GossipConfig, Keyring};
+use crate::config::parse_addr;
 
-pub fn gossip(_a: &NodeArgs, errs: &mut ConfigErrors) -> Option<GossipConfig> {
-    errs.push("discovery", "gossip backend is not wired yet");
-    None
+pub fn gossip(a: &NodeArgs, errs: &mut ConfigErrors) -> Option<GossipConfig> {
+    let mut c = GossipConfig::default();
+    if let Some(g) = &a.gossip_addr {
+        match parse_addr(g) {
+            Ok(addr) => c.bind = addr,
+            Err(e) => errs.push("gossip-addr", e),
+        }
+    }
+    if let Some(g) = &a.gossip_advertise {
+        match parse_addr(g) {
+            Ok(addr) => c.advertise = Some(addr),
+            Err(e) => errs.push("gossip-advertise", e),
+        }
+    }
+    c.join = a.join.clone();
+    if let Some(cl) = &a.cluster {
+        if cl.is_empty() {
+            errs.push("cluster", "must not be empty");
+        }
+        c.cluster = cl.clone();
+    }
+    match (&a.gossip_key_file, a.insecure) {
+        (Some(path), _) => match Keyring::from_file(path) {
+            Ok(k) => c.keyring = Some(k),
+            Err(e) => errs.push("gossip-key-file", e.to_string()),
+        },
+        (None, true) => c.keyring = None,
+        (None, false) => errs.push(
+            "gossip-key-file",
+            "gossip is encrypted: give --gossip-key-file (make a key with `logmesh keygen`), or run with --insecure for experiments",
+        ),
+    }
+    Some(c)
 }
 
 pub fn etcd(a: &NodeArgs, errs: &mut ConfigErrors) -> Option<EtcdConfig> {

@@ -4,6 +4,7 @@
 pub mod aggregator;
 pub mod args;
 pub mod collector;
+pub mod demo;
 mod discovery_cfg;
 pub mod node;
 pub mod status;
