@@ -220,6 +220,16 @@ fn prepare(config: &GossipConfig, local: &mut crate::Member) -> Result<Prepared,
             .unwrap_or(1)
             .max(1);
     }
+    // Worst case of every later version of the record (SetLocal may lengthen it: checked
+    // again then).
+    let mut worst = local.clone();
+    worst.weight = u32::MAX;
+    records::Record {
+        seq: u64::MAX,
+        member: worst,
+    }
+    .encode()
+    .map_err(|e| cfg(e.to_string()))?;
     if config.keyring.is_none() {
         tracing::warn!(
             cluster = %config.cluster,

@@ -8,7 +8,7 @@
 //! `Command`s. DNS resolution of seeds runs in a short-lived task so it never stalls the
 //! loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -94,6 +94,8 @@ pub(crate) struct Node {
     token: TimerToken,
     /// Since when each suspect has been suspect (at that incarnation).
     suspects: HashMap<NodeId, (Incarnation, Instant)>,
+    /// Records whose member foca did not know at the last refresh.
+    unknown_records: HashSet<String>,
     nonce_rng: StdRng,
     recv_buf: Vec<u8>,
     open_buf: Vec<u8>,
@@ -179,6 +181,7 @@ impl Node {
             fingerprint: 0,
             token: 0,
             suspects: HashMap::new(),
+            unknown_records: HashSet::new(),
             nonce_rng: StdRng::from_entropy(),
             recv_buf: vec![0; 64 * 1024],
             open_buf: Vec::with_capacity(MAX_DATAGRAM),
@@ -283,6 +286,12 @@ impl Node {
             }
             Tick::Refresh => {
                 self.refresh_pending = !self.left;
+                let known: HashSet<&str> = self
+                    .foca
+                    .iter_membership_state()
+                    .map(|m| m.id().id.as_str())
+                    .collect();
+                lock(&self.store).prune(&known, &self.local.id, &mut self.unknown_records);
                 self.timers
                     .insert(Tick::Refresh, self.timing.refresh_interval);
             }
@@ -398,10 +407,7 @@ impl Node {
             .map_err(|e| e.to_string())
             .and_then(|data| self.foca.add_broadcast(&data).map_err(|e| e.to_string()));
         if let Err(e) = result {
-            tracing::error!(
-                error = %e,
-                "cannot broadcast the local member record; shorten its id, zone or version"
-            );
+            tracing::error!(error = %e, "cannot broadcast the local member record");
         }
     }
 

@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use super::identity::NodeId;
 use crate::{Member, MemberState, View};
 
+/// Largest encoded record: it must fit in a datagram next to foca's header and updates.
+pub(crate) const MAX_RECORD_LEN: usize = 768;
+
 /// One versioned member record, as broadcast.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Record {
@@ -32,7 +35,11 @@ impl Record {
     }
 
     pub(crate) fn encode(&self) -> Result<Vec<u8>, RecordError> {
-        Ok(serde_json::to_vec(self)?)
+        let data = serde_json::to_vec(self)?;
+        if data.len() > MAX_RECORD_LEN {
+            return Err(RecordError::TooLarge(data.len()));
+        }
+        Ok(data)
     }
 
     pub(crate) fn decode(data: &[u8]) -> Result<Record, RecordError> {
@@ -44,6 +51,11 @@ impl Record {
 pub(crate) enum RecordError {
     #[error("member record is not valid: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(
+        "member record is {0} bytes, over the {MAX_RECORD_LEN}-byte limit of a gossip \
+         packet: shorten the member id, zone or version"
+    )]
+    TooLarge(usize),
 }
 
 /// The newest known record of every member, the local one included.
@@ -81,6 +93,31 @@ impl RecordStore {
     /// Whether anything was kept since the last call.
     pub(crate) fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
+    }
+
+    /// Forget records of members foca no longer knows (it forgets down members after
+    /// `remove_down_after`), so the store does not grow with every id ever seen. A record
+    /// goes only if its member was unknown at the previous sweep too: a record may arrive
+    /// a moment before its member's identity. `unknown` carries that memory between calls.
+    pub(crate) fn prune(
+        &mut self,
+        known: &std::collections::HashSet<&str>,
+        local_id: &str,
+        unknown: &mut std::collections::HashSet<String>,
+    ) {
+        let before = self.records.len();
+        self.records
+            .retain(|id, _| id == local_id || known.contains(id.as_str()) || !unknown.contains(id));
+        unknown.clear();
+        unknown.extend(
+            self.records
+                .keys()
+                .filter(|id| *id != local_id && !known.contains(id.as_str()))
+                .cloned(),
+        );
+        if self.records.len() != before {
+            self.changed = true;
+        }
     }
 }
 
@@ -268,6 +305,27 @@ mod tests {
         let r = rec("x", 42, 3);
         assert_eq!(Record::decode(&r.encode().unwrap()).unwrap(), r);
         assert!(Record::decode(b"\x00garbage").is_err());
+        let mut big = rec("x", 1, 1);
+        big.member.zone = "z".repeat(MAX_RECORD_LEN);
+        assert!(matches!(big.encode(), Err(RecordError::TooLarge(_))));
+    }
+
+    #[test]
+    fn prune_needs_two_strikes() {
+        let mut s = RecordStore::default();
+        s.offer(rec("me", 1, 1));
+        s.offer(rec("a", 1, 1));
+        s.offer(rec("gone", 1, 1));
+        s.take_changed();
+        let known: std::collections::HashSet<&str> = ["a"].into_iter().collect();
+        let mut unknown = Default::default();
+        s.prune(&known, "me", &mut unknown);
+        assert!(s.get("gone").is_some());
+        assert!(!s.take_changed());
+        s.prune(&known, "me", &mut unknown);
+        assert!(s.get("gone").is_none());
+        assert!(s.get("me").is_some() && s.get("a").is_some());
+        assert!(s.take_changed());
     }
 
     #[test]

@@ -186,7 +186,7 @@ async fn idle(d: Duration) {
 
 #[tokio::test(start_paused = true)]
 async fn five_nodes_converge_through_different_seeds() {
-    let net = MemNetwork::default();
+    let net = MemNetwork::with_latency(Duration::from_millis(2));
     let a = start(&net, Spec::new("a", 1, &[]));
     let b = start(&net, Spec::new("b", 2, &[1]));
     let c = start(&net, Spec::new("c", 3, &[2]));
@@ -215,7 +215,7 @@ async fn seed_reached_at_another_address_still_answers() {
 
 #[tokio::test(start_paused = true)]
 async fn killed_node_is_declared_down_quickly() {
-    let net = MemNetwork::default();
+    let net = MemNetwork::with_latency(Duration::from_millis(2));
     let a = start(&net, Spec::new("a", 1, &[]));
     let b = start(&net, Spec::new("b", 2, &[1]));
     let c = start(&net, Spec::new("c", 3, &[1]));
@@ -244,7 +244,7 @@ async fn killed_node_is_declared_down_quickly() {
 
 #[tokio::test(start_paused = true)]
 async fn graceful_leave_is_seen_as_left() {
-    let net = MemNetwork::default();
+    let net = MemNetwork::with_latency(Duration::from_millis(2));
     let a = start(&net, Spec::new("a", 1, &[]));
     let b = start(&net, Spec::new("b", 2, &[1]));
     let c = start(&net, Spec::new("c", 3, &[1]));
@@ -280,7 +280,7 @@ async fn announced_leaving_is_visible_before_leave() {
 
 #[tokio::test(start_paused = true)]
 async fn restarted_node_rejoins_with_new_incarnation() {
-    let net = MemNetwork::default();
+    let net = MemNetwork::with_latency(Duration::from_millis(2));
     let a = start(&net, Spec::new("a", 1, &[]));
     let b = start(&net, Spec::new("b", 2, &[1]));
     let c = start(&net, Spec::new("c", 3, &[1]));
@@ -424,7 +424,7 @@ async fn key_rotation_keeps_the_mesh_together() {
 
 #[tokio::test(start_paused = true)]
 async fn set_local_reaches_every_peer_quickly() {
-    let net = MemNetwork::default();
+    let net = MemNetwork::with_latency(Duration::from_millis(2));
     let a = start(&net, Spec::new("a", 1, &[]));
     let b = start(&net, Spec::new("b", 2, &[1]));
     let c = start(&net, Spec::new("c", 3, &[1]));

@@ -58,6 +58,8 @@ struct MemInner {
     cut: HashSet<(SocketAddr, SocketAddr)>,
     /// Extra addresses that reach a node (like a NAT or 127.0.0.1).
     aliases: HashMap<SocketAddr, SocketAddr>,
+    /// One-way delay of every datagram.
+    latency: std::time::Duration,
 }
 
 #[cfg_attr(not(test), allow(dead_code))]
@@ -76,6 +78,13 @@ impl MemNetwork {
             tx,
             rx,
         }
+    }
+
+    /// A network where every datagram takes `latency` to arrive.
+    pub(crate) fn with_latency(latency: std::time::Duration) -> MemNetwork {
+        let net = MemNetwork::default();
+        net.inner().latency = latency;
+        net
     }
 
     /// Drop every datagram between `a` and `b`, both ways.
@@ -122,8 +131,18 @@ impl MemSocket {
         if inner.cut.contains(&(self.addr, to)) {
             return;
         }
-        if let Some(tx) = inner.nodes.get(&to) {
-            let _ = tx.try_send((data.to_vec(), self.addr));
+        let Some(tx) = inner.nodes.get(&to) else {
+            return;
+        };
+        let datagram = (data.to_vec(), self.addr);
+        if inner.latency.is_zero() {
+            let _ = tx.try_send(datagram);
+        } else {
+            let (tx, latency) = (tx.clone(), inner.latency);
+            tokio::spawn(async move {
+                tokio::time::sleep(latency).await;
+                let _ = tx.try_send(datagram);
+            });
         }
     }
 }
