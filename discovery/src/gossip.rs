@@ -26,6 +26,14 @@
 //! full roster), down members are contacted every 20 s (to heal partitions), and each node
 //! re-broadcasts its own record every 30 s and whenever a member comes up, so newcomers
 //! learn every record. Records are re-sent up to 6 times by each node that learns them.
+//! Measured in the in-memory simulation (2 ms links, 4 nodes): a kill is seen as down by
+//! every node after 2.1–2.8 s; a `set_local` reaches 4 peers in ~0.1 s.
+//!
+//! Two additions to plain foca: a seed may be dialled at an address other than the one it
+//! advertises (NAT, 127.0.0.1), so Announces addressed to a seed placeholder are
+//! re-addressed before foca sees them; and suspicions whose timer foca dropped (it drops
+//! all timers on an identity change or reconnect) are re-armed, so no member stays
+//! suspect forever.
 //!
 //! Must not know about rings or routing; consumers only see [`crate::View`]s.
 
