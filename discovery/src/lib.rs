@@ -7,10 +7,10 @@
 //!
 //! This crate owns membership only. It knows nothing of rings, batches or records.
 
-pub mod etcd;
-pub mod gossip;
 mod member;
 mod static_backend;
+pub mod gossip;
+pub mod etcd;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

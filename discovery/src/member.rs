@@ -195,15 +195,11 @@ mod tests {
         b.members.insert("c".into(), m("c", MemberState::Alive));
         let d = b.diff(&a);
         assert_eq!(d.len(), 3);
+        assert!(d.iter().any(|c| matches!(c, Change::Added(m) if m.id == "c")));
+        assert!(d.iter().any(|c| matches!(c, Change::Removed(m) if m.id == "b")));
         assert!(d
             .iter()
-            .any(|c| matches!(c, Change::Added(m) if m.id == "c")));
-        assert!(d
-            .iter()
-            .any(|c| matches!(c, Change::Removed(m) if m.id == "b")));
-        assert!(d.iter().any(
-            |c| matches!(c, Change::Updated { new, .. } if new.state == MemberState::Suspect)
-        ));
+            .any(|c| matches!(c, Change::Updated { new, .. } if new.state == MemberState::Suspect)));
     }
 
     #[test]
