@@ -53,6 +53,8 @@ pub struct StaticConfig {
 }
 
 /// Which backend to run, with its settings.
+// Built once at startup: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum BackendConfig {
     Static(StaticConfig),
@@ -92,6 +94,8 @@ pub struct Membership {
     view: watch::Receiver<SharedView>,
     commands: mpsc::Sender<Command>,
     backend: &'static str,
+    /// Packet counters, for the gossip backend only.
+    gossip_stats: Option<Arc<gossip::GossipStats>>,
 }
 
 impl Membership {
@@ -116,15 +120,17 @@ impl Membership {
             view: view_tx,
             cancel,
         };
+        let mut gossip_stats = None;
         match config {
             BackendConfig::Static(c) => static_backend::spawn(c, ctx)?,
-            BackendConfig::Gossip(c) => gossip::spawn(c, ctx).await?,
+            BackendConfig::Gossip(c) => gossip_stats = Some(gossip::spawn(c, ctx).await?),
             BackendConfig::Etcd(c) => etcd::spawn(c, ctx).await?,
         }
         Ok(Membership {
             view: view_rx,
             commands: cmd_tx,
             backend,
+            gossip_stats,
         })
     }
 
@@ -140,6 +146,12 @@ impl Membership {
 
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// Gossip packet counters (received, sent, dropped by reason); `None` for other
+    /// backends.
+    pub fn gossip_stats(&self) -> Option<Arc<gossip::GossipStats>> {
+        self.gossip_stats.clone()
     }
 
     /// Advertise a new local record (e.g. `ready = true`, or `state = Leaving`).
