@@ -20,8 +20,18 @@ use crate::transport::{certs, CertRole};
 const AGGREGATORS: usize = 3;
 const COLLECTORS: usize = 2;
 const SERVICES: &[&str] = &[
-    "checkout", "cart", "payments", "search", "auth", "catalog", "shipping", "email",
-    "frontend", "ads", "reviews", "inventory",
+    "checkout",
+    "cart",
+    "payments",
+    "search",
+    "auth",
+    "catalog",
+    "shipping",
+    "email",
+    "frontend",
+    "ads",
+    "reviews",
+    "inventory",
 ];
 
 fn free_udp() -> anyhow::Result<u16> {
@@ -118,8 +128,7 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the logmesh binary")?;
     let dir = &a.dir;
     if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("cannot clear {}", dir.display()))?;
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
     let tls = dir.join("tls");
     let logs = dir.join("logs");
@@ -132,8 +141,14 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
         certs::issue(&tls, &format!("col-{i}"), CertRole::Collector, 30)?;
     }
     let key_file = dir.join("gossip.key");
-    std::fs::write(&key_file, format!("{}\n", discovery::gossip::generate_key()))?;
-    println!("logmesh demo in {}: CA, 5 node certificates and a gossip key made", dir.display());
+    std::fs::write(
+        &key_file,
+        format!("{}\n", discovery::gossip::generate_key()),
+    )?;
+    println!(
+        "logmesh demo in {}: CA, 5 node certificates and a gossip key made",
+        dir.display()
+    );
 
     let seed: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_udp()?));
     let common = |id: &str, gossip: SocketAddr, admin: u16| -> Vec<String> {
@@ -190,7 +205,11 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
             col_admin = admin;
         }
         let mut args = vec!["collector".to_string()];
-        args.extend(common(&id, SocketAddr::from(([127, 0, 0, 1], free_udp()?)), admin));
+        args.extend(common(
+            &id,
+            SocketAddr::from(([127, 0, 0, 1], free_udp()?)),
+            admin,
+        ));
         args.extend([
             "--stdin".into(),
             "--stream-key".into(),
@@ -223,7 +242,9 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
         if let Some(input) = n.start(&exe, true)? {
             let stop = stop.clone();
             let rate = a.rate;
-            gens.push(std::thread::spawn(move || generator(input, i + 1, rate, stop)));
+            gens.push(std::thread::spawn(move || {
+                generator(input, i + 1, rate, stop)
+            }));
         }
         println!("started {} (log: {})", n.name, n.log.display());
     }
@@ -246,7 +267,10 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
             phase = 2;
         }
         print!("\x1b[2J\x1b[H");
-        println!("logmesh demo — {t}s — Ctrl-C to stop (logs in {})", logs.display());
+        println!(
+            "logmesh demo — {t}s — Ctrl-C to stop (logs in {})",
+            logs.display()
+        );
         match status::fetch(&admin) {
             Ok(st) => print!("{}", status::render(&st, true)),
             Err(e) => println!("(status unavailable: {e:#})"),
@@ -254,7 +278,11 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
         println!("\n{:<8} {:>10} {:>8}", "SINK", "RECORDS", "STREAMS");
         for i in 1..=AGGREGATORS {
             let out = dir.join("out").join(format!("agg-{i}"));
-            println!("agg-{i:<4} {:>10} {:>8}", count_lines(&out), streams_in(&out));
+            println!(
+                "agg-{i:<4} {:>10} {:>8}",
+                count_lines(&out),
+                streams_in(&out)
+            );
         }
         match phase {
             0 => println!("\nnext: agg-3 stops at 15 s"),
@@ -277,7 +305,10 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
     let total: u64 = (1..=AGGREGATORS)
         .map(|i| count_lines(&dir.join("out").join(format!("agg-{i}"))))
         .sum();
-    println!("done: {total} records in the sinks under {}", dir.join("out").display());
+    println!(
+        "done: {total} records in the sinks under {}",
+        dir.join("out").display()
+    );
     Ok(())
 }
 

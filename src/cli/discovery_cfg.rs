@@ -1,10 +1,10 @@
 //! Gossip and etcd backend settings from the node flags.
 
 use crate::cli::NodeArgs;
+use crate::config::parse_addr;
 use crate::config::ConfigErrors;
 use discovery::etcd::{EtcdConfig, EtcdTls};
 use discovery::gossip::{GossipConfig, Keyring};
-use crate::config::parse_addr;
 
 pub fn gossip(a: &NodeArgs, errs: &mut ConfigErrors) -> Option<GossipConfig> {
     let mut c = GossipConfig::default();
