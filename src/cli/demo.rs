@@ -109,7 +109,7 @@ fn generator(mut input: ChildStdin, who: usize, rate: u64, stop: Arc<AtomicBool>
         buf.clear();
         for _ in 0..per_tick {
             let svc = SERVICES[(n as usize * 7 + who) % SERVICES.len()];
-            let level = if n % 17 == 0 { "warn" } else { "info" };
+            let level = if n.is_multiple_of(17) { "warn" } else { "info" };
             let _ = writeln!(
                 buf,
                 r#"{{"svc":"{svc}","level":"{level}","host":"host-{who}","msg":"request handled","latency_ms":{},"n":{n}}}"#,
