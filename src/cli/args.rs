@@ -268,6 +268,11 @@ pub struct CollectorArgs {
     #[arg(long, env = "LOGMESH_ZSTD_LEVEL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zstd_level: Option<i32>,
+    /// Send each batch to the first R distinct owners on the ring (default 1). With R >= 2,
+    /// losing one aggregator's disk for good loses nothing; sinks see R copies with the same `_id`.
+    #[arg(long, env = "LOGMESH_REPLICATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<usize>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -121,6 +121,12 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
         }
         sc.zstd_level = l;
     }
+    if let Some(r) = a.replication {
+        if !(1..=5).contains(&r) {
+            errs.push("replication", "must be between 1 and 5");
+        }
+        sc.replication = r.clamp(1, 5);
+    }
     match node {
         Some(node) if errs.is_empty() => Ok(CollectorSettings {
             node,

@@ -5,4 +5,5 @@ pub mod link;
 pub mod parse;
 pub mod record;
 pub mod sender;
+pub mod spool;
 pub mod template;
