@@ -20,9 +20,9 @@ fn input_record(uid: u64, streams: u64) -> Value {
         "svc": format!("svc-{:02}", uid % streams),
         "uid": uid,
         "msg": format!("request {uid} done \"quoted\" \\ back/slash ünïcode ✓"),
-        "level": if uid % 7 == 0 { "warn" } else { "info" },
+        "level": match uid % 7 { 0 => "warn", _ => "info" },
         "latency_ms": (uid % 1000) as f64 + 0.5,
-        "ok": uid % 3 != 0,
+        "ok": matches!(uid % 3, 1 | 2),
         "nothing": null,
         "nested": {"a": [1, 2, {"b": uid}], "empty": {}},
     })
