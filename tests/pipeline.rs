@@ -185,7 +185,7 @@ fn stdin_100k_records_48_streams_three_aggregators_exactly_once_on_ring_owner() 
 
     wait_for_lines(&aggs, N as usize, Duration::from_secs(30));
     assert_exactly_once_on_owners(&aggs, N, STREAMS, &[("env", "it")], "col-1");
-    // every aggregator got a share (48 streams over 3 nodes)
+    // every aggregator got a share (48 streams over 3 nodes), and the metrics add up
     for a in aggs {
         assert!(
             a.metric("logmesh_records_in_total") > 0.0,
@@ -193,6 +193,18 @@ fn stdin_100k_records_48_streams_three_aggregators_exactly_once_on_ring_owner() 
             a.id
         );
     }
+    let sum = |name: &str| aggs.iter().map(|a| a.metric(name)).sum::<f64>();
+    // (a batch retried after a lost ack is acknowledged again and may count twice here)
+    let records_in = sum("logmesh_records_in_total");
+    assert!(
+        records_in >= N as f64,
+        "records_in over all aggregators: {records_in}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "records_out over all aggregators to reach N",
+        || sum("logmesh_records_out_total") == N as f64,
+    );
 }
 
 /// Append records `range` to `path` (one JSON line each), flushing every 100 lines with a
