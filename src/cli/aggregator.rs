@@ -206,18 +206,21 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
     ready.store(true, Ordering::Relaxed);
     tracing::info!(node = %s.node.id, quic = %bound, admin = %admin_addr, out_dir = %s.out_dir.display(), backend = membership.backend(), "aggregator ready");
 
-    // keep buffer gauge fresh
+    // keep the buffer gauge and records_out (records every sink has written) fresh
     {
         let (store, metrics, cancel) = (store.clone(), metrics.clone(), cancel.clone());
         tokio::spawn(async move {
             let mut t = tokio::time::interval(Duration::from_secs(1));
+            let mut reported_out = 0u64;
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = t.tick() => {
                         let st = store.stats();
                         metrics.buffer_bytes.set(st.buffered_bytes as i64);
-                        metrics.records_out.inc_by(0);
+                        let out = st.sinks.iter().map(|s| s.delivered_records).min().unwrap_or(0);
+                        metrics.records_out.inc_by(out.saturating_sub(reported_out));
+                        reported_out = reported_out.max(out);
                     }
                 }
             }
