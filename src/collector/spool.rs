@@ -287,12 +287,15 @@ mod tests {
         assert!(rec.is_empty());
         let big = vec![7u8; 40_000];
         let a = s.append(&[b"one", b"two"]).unwrap();
-        let b = s.append(&[&big, &big]).unwrap(); // rolls to a new segment
+        let b = s.append(&[&big, &big]).unwrap(); // the segment is now past 64 KiB...
+        assert_eq!(s.segments(), 1);
+        let c = s.append(&[b"three"]).unwrap(); // ...so the next append rolls
         assert_eq!(s.segments(), 2);
+        assert_eq!(c[0].segment, a[0].segment + 1);
         drop(s);
         let (mut s, rec) = Spool::open(dir.path(), 1 << 20, 1 << 16).unwrap();
         let frames: Vec<&[u8]> = rec.iter().map(|(_, f)| f.as_slice()).collect();
-        assert_eq!(frames, vec![&b"one"[..], b"two", &big, &big]);
+        assert_eq!(frames, vec![&b"one"[..], b"two", &big, &big, b"three"]);
         for (id, _) in &rec {
             s.ack(*id);
         }
