@@ -220,6 +220,15 @@ pub struct CollectorArgs {
     #[arg(long, env = "LOGMESH_TAIL", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tail: Vec<String>,
+    /// Accept the Fluentd Forward protocol (Fluent Bit, Fluentd, fluent-logger, Docker's
+    /// fluentd driver) on ADDR: HOST:PORT, :PORT or HOST (port 24224); UDP heartbeat too.
+    #[arg(long, env = "LOGMESH_FORWARD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward: Option<String>,
+    /// Require the Forward shared-key handshake (HELO/PING/PONG) with this key.
+    #[arg(long, env = "LOGMESH_FORWARD_SHARED_KEY", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_shared_key: Option<String>,
     /// auto | json | logfmt | raw | regex:<re with named captures> (default auto).
     #[arg(long, env = "LOGMESH_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]

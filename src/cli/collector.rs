@@ -14,6 +14,7 @@ use crate::admin::{self, AdminState};
 use crate::batch::BatchPolicy;
 use crate::cli::node::{self, NodeSettings};
 use crate::cli::CollectorArgs;
+use crate::collector::input::forward::{parse_forward_addr, ForwardConfig, ForwardInput};
 use crate::collector::input::stdin::run_stdin;
 use crate::collector::input::tail::{run_tail, TailConfig};
 use crate::collector::link::QuicLink;
@@ -32,6 +33,7 @@ pub struct CollectorSettings {
     pub node: NodeSettings,
     pub stdin: bool,
     pub tail: Vec<String>,
+    pub forward: Option<ForwardConfig>,
     pub tag: Option<String>,
     pub spec: RecordSpec,
     pub sender: SenderConfig,
@@ -55,8 +57,11 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
         a.static_aggregators.as_deref(),
         &mut errs,
     );
-    if !a.stdin && a.tail.is_empty() {
-        errs.push("stdin", "no input: give --stdin and/or --tail GLOB");
+    if !a.stdin && a.tail.is_empty() && a.forward.is_none() {
+        errs.push(
+            "stdin",
+            "no input: give --stdin, --tail GLOB and/or --forward ADDR",
+        );
     }
     for g in &a.tail {
         if let Err(e) = glob::Pattern::new(g) {
@@ -64,6 +69,7 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
         }
     }
     let id = node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+    let forward = forward_settings(a, &id, &mut errs);
     let mut spec = RecordSpec::new(id.clone());
     match a.format.as_deref().unwrap_or("auto").parse::<Format>() {
         Ok(f) => spec.format = f,
@@ -132,12 +138,39 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
             node,
             stdin: a.stdin,
             tail: a.tail.clone(),
+            forward,
             tag: a.tag.clone(),
             spec,
             sender: sc,
         }),
         _ => Err(errs),
     }
+}
+
+fn forward_settings(a: &CollectorArgs, id: &str, errs: &mut ConfigErrors) -> Option<ForwardConfig> {
+    let Some(addr) = &a.forward else {
+        if a.forward_shared_key.is_some() {
+            errs.push("forward-shared-key", "needs --forward ADDR");
+        }
+        return None;
+    };
+    let mut cfg = match parse_forward_addr(addr) {
+        Ok(sa) => ForwardConfig::new(sa, id),
+        Err(e) => {
+            errs.push("forward", e.to_string());
+            return None;
+        }
+    };
+    if let Some(k) = &a.forward_shared_key {
+        if k.is_empty() {
+            errs.push(
+                "forward-shared-key",
+                "is empty; give the key the senders use",
+            );
+        }
+        cfg.shared_key = Some(k.clone());
+    }
+    Some(cfg)
 }
 
 /// Run until the inputs end (stdin EOF) or SIGTERM, then drain. Returns the pipeline outcome.
@@ -215,6 +248,19 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
         tc.tag = s.tag.clone();
         let (b, tx, c) = (builder.clone(), tx.clone(), input_cancel.clone());
         inputs.spawn(async move { run_tail(tc, b, tx, c).await });
+    }
+    if let Some(fc) = s.forward.clone() {
+        let addr = fc.addr;
+        let input = ForwardInput::bind(fc).await.with_context(|| {
+            format!("cannot start the forward input on {addr}; set --forward to a free address")
+        })?;
+        let (b, tx, c, m) = (
+            builder.clone(),
+            tx.clone(),
+            input_cancel.clone(),
+            metrics.clone(),
+        );
+        inputs.spawn(async move { input.run(b, tx, c, Some(m)).await });
     }
     drop(tx);
 

@@ -231,6 +231,26 @@ impl RecordBuilder {
         now_unix_nanos: i64,
         acc: &mut Accumulator,
     ) -> bool {
+        self.push(tag, line, now_unix_nanos, acc, false)
+    }
+
+    /// Build the record for an input that is already structured: `obj` is a JSON object
+    /// (e.g. converted from msgpack), parsed as JSON whatever `--format` says, and `ts` is
+    /// the record's own time (Unix nanoseconds) written as `_ts`. Everything else (limits,
+    /// metadata, labels, stream key) is as for [`RecordBuilder::push_line`]; an `obj` that
+    /// is not a JSON object is kept as a `message` flagged `_parse_error`.
+    pub fn push_object(&mut self, tag: &str, obj: &[u8], ts: i64, acc: &mut Accumulator) -> bool {
+        self.push(tag, obj, ts, acc, true)
+    }
+
+    fn push(
+        &mut self,
+        tag: &str,
+        line: &[u8],
+        now_unix_nanos: i64,
+        acc: &mut Accumulator,
+        force_json: bool,
+    ) -> bool {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.trim_ascii().is_empty() {
@@ -261,11 +281,20 @@ impl RecordBuilder {
                 (utf8.as_str(), true)
             }
         };
-        self.build(tag, text, truncated, invalid_utf8, now_unix_nanos, acc);
+        self.build(
+            tag,
+            text,
+            truncated,
+            invalid_utf8,
+            now_unix_nanos,
+            acc,
+            force_json,
+        );
         self.utf8 = utf8;
         true
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build(
         &mut self,
         tag: &str,
@@ -274,13 +303,19 @@ impl RecordBuilder {
         invalid_utf8: bool,
         now: i64,
         acc: &mut Accumulator,
+        force_json: bool,
     ) {
         let fields = self.spec.stream_key.fields();
         self.vals.reset(fields.len());
         self.label_present.iter_mut().for_each(|p| *p = false);
         let spec = &*self.spec;
 
-        let body = match &spec.format {
+        let format = if force_json {
+            &Format::Json
+        } else {
+            &spec.format
+        };
+        let body = match format {
             Format::Auto | Format::Json => {
                 let json = if truncated {
                     None
@@ -295,7 +330,7 @@ impl RecordBuilder {
                 };
                 json.unwrap_or(Body::Message {
                     // a truncated line is not a parse error: it was cut on purpose
-                    parse_error: matches!(spec.format, Format::Json) && !truncated,
+                    parse_error: matches!(format, Format::Json) && !truncated,
                 })
             }
             Format::Raw => Body::Message { parse_error: false },

@@ -5,6 +5,7 @@
 //! `collector::record`), or send anything but whole `InputBatch`es, one per read.
 
 pub mod checkpoint;
+pub mod forward;
 pub mod lines;
 pub mod stdin;
 pub mod tail;

@@ -1,0 +1,627 @@
+use std::io::Write as _;
+
+use proptest::prelude::*;
+use rmpv::Value;
+use serde_json::json;
+
+use super::decode::*;
+use super::handshake::{self, digest_hex, Handshake};
+use super::*;
+
+const NOW: i64 = 1_700_000_000_123_456_789;
+
+fn enc(v: &Value) -> Vec<u8> {
+    let mut b = Vec::new();
+    rmpv::encode::write_value(&mut b, v).unwrap();
+    b
+}
+
+fn s(x: &str) -> Value {
+    Value::from(x)
+}
+
+fn map(kv: &[(&str, Value)]) -> Value {
+    Value::Map(kv.iter().map(|(k, v)| (s(k), v.clone())).collect())
+}
+
+fn event_time(sec: u32, nsec: u32) -> Value {
+    let mut d = sec.to_be_bytes().to_vec();
+    d.extend_from_slice(&nsec.to_be_bytes());
+    Value::Ext(0, d)
+}
+
+fn rec(i: i64) -> Value {
+    map(&[("i", Value::from(i)), ("msg", s("hello"))])
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn chunk_opt(c: &str) -> Value {
+    map(&[("chunk", s(c))])
+}
+
+/// A frame in each mode, each with records i = base..base+3.
+fn frames(base: i64) -> Vec<Vec<u8>> {
+    let entries: Vec<Value> = (base..base + 3)
+        .map(|i| Value::Array(vec![Value::from(1_700_000_000 + i), rec(i)]))
+        .collect();
+    let packed: Vec<u8> = entries.iter().flat_map(enc).collect();
+    // multi-member gzip: two members concatenated
+    let half = enc(&entries[0]);
+    let mut z = gzip(&half);
+    z.extend(gzip(&packed[half.len()..]));
+    vec![
+        enc(&Value::Array(vec![
+            s("t.msg"),
+            event_time(1_700_000_000, 5),
+            rec(base),
+            chunk_opt("c-msg"),
+        ])),
+        enc(&Value::Array(vec![
+            s("t.fwd"),
+            Value::Array(entries.clone()),
+            chunk_opt("c-fwd"),
+        ])),
+        enc(&Value::Array(vec![
+            s("t.packed"),
+            Value::Binary(packed.clone()),
+        ])),
+        enc(&Value::Array(vec![
+            s("t.gz"),
+            Value::Binary(z),
+            map(&[("chunk", s("c-gz")), ("compressed", s("gzip"))]),
+        ])),
+    ]
+}
+
+#[derive(Debug, PartialEq)]
+struct Out {
+    tag: String,
+    mode: Mode,
+    chunk: Option<String>,
+    events: Vec<(i64, serde_json::Value)>,
+}
+
+fn drain(dec: &mut ForwardDecoder, out: &mut Vec<Out>) -> Result<(), DecodeError> {
+    while let Some(m) = dec.next(NOW)? {
+        match m {
+            Message::Events(e) => out.push(Out {
+                tag: e.tag.to_owned(),
+                mode: e.mode,
+                chunk: e.chunk.map(str::to_owned),
+                events: e
+                    .iter()
+                    .map(|(t, j)| (t, serde_json::from_slice(j).unwrap()))
+                    .collect(),
+            }),
+            Message::Ping(_) => panic!("unexpected ping"),
+        }
+    }
+    Ok(())
+}
+
+fn decode_all(bytes: &[u8]) -> Result<Vec<Out>, DecodeError> {
+    let mut dec = ForwardDecoder::new(1 << 20, 1 << 20);
+    dec.feed(bytes);
+    let mut out = Vec::new();
+    drain(&mut dec, &mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn four_modes() {
+    let bytes: Vec<u8> = frames(0).concat();
+    let out = decode_all(&bytes).unwrap();
+    assert_eq!(out.len(), 4);
+    assert_eq!(out[0].mode, Mode::Message);
+    assert_eq!(out[0].tag, "t.msg");
+    assert_eq!(out[0].chunk.as_deref(), Some("c-msg"));
+    assert_eq!(
+        out[0].events,
+        vec![(1_700_000_000_000_000_005, json!({"i": 0, "msg": "hello"}))]
+    );
+    assert_eq!(out[1].mode, Mode::Forward);
+    assert_eq!(out[1].chunk.as_deref(), Some("c-fwd"));
+    assert_eq!(out[2].mode, Mode::PackedForward);
+    assert_eq!(out[2].chunk, None);
+    assert_eq!(out[3].mode, Mode::CompressedPackedForward);
+    assert_eq!(out[3].chunk.as_deref(), Some("c-gz"));
+    for o in &out[1..] {
+        let want: Vec<_> = (0..3)
+            .map(|i| {
+                (
+                    (1_700_000_000 + i) * 1_000_000_000,
+                    json!({"i": i, "msg": "hello"}),
+                )
+            })
+            .collect();
+        assert_eq!(o.events, want, "{:?}", o.mode);
+    }
+}
+
+#[test]
+fn times() {
+    let f = |t: Value| {
+        decode_all(&enc(&Value::Array(vec![s("t"), t, rec(1)]))).map(|o| o[0].events[0].0)
+    };
+    assert_eq!(f(Value::from(0)).unwrap(), NOW);
+    assert_eq!(f(Value::from(2)).unwrap(), 2_000_000_000);
+    assert_eq!(f(Value::from(-1)).unwrap(), -1_000_000_000);
+    assert_eq!(f(Value::F64(1.5)).unwrap(), 1_500_000_000);
+    assert_eq!(f(event_time(3, 7)).unwrap(), 3_000_000_007);
+    assert!(matches!(f(s("yesterday")), Err(DecodeError::Protocol(_))));
+    assert!(matches!(
+        f(Value::Ext(0, vec![1, 2, 3, 4])),
+        Err(DecodeError::Protocol(_))
+    ));
+}
+
+#[test]
+fn record_conversion() {
+    let record = Value::Map(vec![
+        (s("bin"), Value::Binary(b"ok\xff".to_vec())),
+        (
+            s("nested"),
+            map(&[("a", Value::Array(vec![Value::Nil, true.into()]))]),
+        ),
+        (Value::from(7), s("int key")),
+        (s("nan"), Value::F64(f64::NAN)),
+        (s("f"), Value::F32(0.5)),
+        (s("big"), Value::from(u64::MAX)),
+        (s("neg"), Value::from(i64::MIN)),
+        (s("ext"), Value::Ext(5, vec![1, 2, 3])),
+        (s("quote\"\n"), s("tab\t")),
+        (Value::Binary(b"k\xfe".to_vec()), s("v")),
+    ]);
+    let out = decode_all(&enc(&Value::Array(vec![s("t"), Value::from(1), record]))).unwrap();
+    assert_eq!(
+        out[0].events[0].1,
+        json!({
+            "bin": "ok\u{fffd}",
+            "nested": {"a": [null, true]},
+            "7": "int key",
+            "nan": null,
+            "f": 0.5,
+            "big": u64::MAX,
+            "neg": i64::MIN,
+            "ext": "AQID",
+            "quote\"\n": "tab\t",
+            "k\u{fffd}": "v",
+        })
+    );
+}
+
+#[test]
+fn nil_records_are_skipped_and_empty_streams_keep_their_chunk() {
+    let out = decode_all(&enc(&Value::Array(vec![
+        s("t"),
+        Value::from(1),
+        Value::Nil,
+        chunk_opt("c"),
+    ])))
+    .unwrap();
+    assert_eq!(out[0].events.len(), 0);
+    assert_eq!(out[0].chunk.as_deref(), Some("c"));
+    let out = decode_all(&enc(&Value::Array(vec![
+        s("t"),
+        Value::Array(vec![]),
+        chunk_opt("d"),
+    ])))
+    .unwrap();
+    assert!(out[0].events.is_empty());
+    assert_eq!(out[0].chunk.as_deref(), Some("d"));
+}
+
+#[test]
+fn malformed_frames_are_precise_errors() {
+    let err = |b: &[u8]| decode_all(b).unwrap_err();
+    assert!(matches!(
+        err(&[0xc1]),
+        DecodeError::Msgpack { offset: 0, .. }
+    ));
+    assert!(matches!(
+        err(&enc(&map(&[("a", s("b"))]))),
+        DecodeError::Protocol(_)
+    ));
+    // tag not a string
+    assert!(matches!(
+        err(&enc(&Value::Array(vec![
+            Value::from(1),
+            Value::from(1),
+            rec(1)
+        ]))),
+        DecodeError::Protocol(_)
+    ));
+    // record not a map
+    assert!(matches!(
+        err(&enc(&Value::Array(vec![s("t"), Value::from(1), s("x")]))),
+        DecodeError::Protocol(_)
+    ));
+    // wrong arity
+    assert!(matches!(
+        err(&enc(&Value::Array(vec![s("t")]))),
+        DecodeError::Protocol(_)
+    ));
+    // bad gzip
+    assert!(matches!(
+        err(&enc(&Value::Array(vec![
+            s("t"),
+            Value::Binary(b"not gzip".to_vec()),
+            map(&[("compressed", s("gzip"))]),
+        ]))),
+        DecodeError::Gzip(_)
+    ));
+    // packed entries cut in the middle
+    let entry = enc(&Value::Array(vec![Value::from(1), rec(1)]));
+    assert!(matches!(
+        err(&enc(&Value::Array(vec![
+            s("t"),
+            Value::Binary(entry[..entry.len() - 1].to_vec()),
+        ]))),
+        DecodeError::Protocol(_)
+    ));
+    // an array32 claiming 4 billion items cannot fit: refused at once, not buffered
+    assert!(matches!(
+        err(&[0xdd, 0xff, 0xff, 0xff, 0xff]),
+        DecodeError::TooLarge { .. }
+    ));
+    // a str32 over the limit
+    assert!(matches!(
+        err(&[0x93, 0xdb, 0x7f, 0xff, 0xff, 0xff]),
+        DecodeError::TooLarge { .. }
+    ));
+    // later calls keep failing
+    let mut dec = ForwardDecoder::new(1 << 20, 1 << 20);
+    dec.feed(&[0xc1]);
+    assert!(dec.next(NOW).is_err());
+    dec.feed(&frames(0)[0]);
+    assert!(matches!(dec.next(NOW), Err(DecodeError::Failed(_))));
+}
+
+#[test]
+fn decompression_is_bounded() {
+    let entry = enc(&Value::Array(vec![
+        Value::from(1),
+        map(&[("pad", s(&"x".repeat(10_000)))]),
+    ]));
+    let z = gzip(&entry.repeat(20));
+    let frame = enc(&Value::Array(vec![
+        s("t"),
+        Value::Binary(z),
+        map(&[("compressed", s("gzip"))]),
+    ]));
+    let mut dec = ForwardDecoder::new(1 << 20, 100_000);
+    dec.feed(&frame);
+    assert!(matches!(
+        dec.next(NOW),
+        Err(DecodeError::TooLargeDecompressed(100_000))
+    ));
+}
+
+#[test]
+fn truncated_input_waits_for_more() {
+    let f = &frames(0)[1];
+    let mut dec = ForwardDecoder::new(1 << 20, 1 << 20);
+    dec.feed(&f[..f.len() - 1]);
+    assert!(dec.next(NOW).unwrap().is_none());
+    assert!(dec.next(NOW).unwrap().is_none());
+    dec.feed(&f[f.len() - 1..]);
+    assert!(matches!(dec.next(NOW).unwrap(), Some(Message::Events(_))));
+    assert_eq!(dec.buffered(), 0);
+}
+
+#[test]
+fn scanner_agrees_with_rmpv() {
+    for f in frames(3) {
+        assert_eq!(scan_for_tests(&f, usize::MAX).unwrap(), Some(f.len()));
+        for cut in 0..f.len() {
+            assert_eq!(scan_for_tests(&f[..cut], usize::MAX).unwrap(), None);
+        }
+    }
+}
+
+#[test]
+fn handshake_accepts_the_right_key_only() {
+    let mut hs = Handshake::new("secret", "collector-1", "nonce123".into());
+    let helo = rmpv::decode::read_value(&mut &hs.helo()[..]).unwrap();
+    assert_eq!(helo[0].as_str(), Some("HELO"));
+    let opts = helo[1].as_map().unwrap();
+    let nonce = opts
+        .iter()
+        .find(|(k, _)| k.as_str() == Some("nonce"))
+        .unwrap()
+        .1
+        .as_str()
+        .unwrap();
+    assert_eq!(nonce, "nonce123");
+
+    let ping = |key: &str| {
+        let d = digest_hex(b"salt", b"client", nonce.as_bytes(), key.as_bytes());
+        enc(&Value::Array(vec![
+            s("PING"),
+            s("client"),
+            s("salt"),
+            s(&d),
+            s(""),
+            s(""),
+        ]))
+    };
+    let decode_ping = |b: &[u8]| {
+        let mut dec = ForwardDecoder::new(1 << 20, 1 << 20);
+        dec.set_expect_ping(true);
+        dec.feed(b);
+        match dec.next(NOW).unwrap() {
+            Some(Message::Ping(p)) => p,
+            other => panic!("{other:?}"),
+        }
+    };
+    let bad = hs.on_ping(&decode_ping(&ping("wrong")));
+    assert!(!bad.ok);
+    assert!(!hs.authenticated());
+    let pong = rmpv::decode::read_value(&mut &bad.bytes[..]).unwrap();
+    assert_eq!(pong[1].as_bool(), Some(false));
+
+    let good = hs.on_ping(&decode_ping(&ping("secret")));
+    assert!(good.ok);
+    assert!(hs.authenticated());
+    let pong = rmpv::decode::read_value(&mut &good.bytes[..]).unwrap();
+    assert_eq!(pong[0].as_str(), Some("PONG"));
+    assert_eq!(pong[1].as_bool(), Some(true));
+    assert_eq!(pong[3].as_str(), Some("collector-1"));
+    assert_eq!(
+        pong[4].as_str(),
+        Some(digest_hex(b"salt", b"collector-1", b"nonce123", b"secret").as_str())
+    );
+
+    // while a PING is expected, events are refused
+    let mut dec = ForwardDecoder::new(1 << 20, 1 << 20);
+    dec.set_expect_ping(true);
+    dec.feed(&frames(0)[0]);
+    assert!(matches!(dec.next(NOW), Err(DecodeError::Protocol(_))));
+}
+
+#[test]
+fn ack_encoding() {
+    let v = rmpv::decode::read_value(&mut &handshake::ack("abc")[..]).unwrap();
+    assert_eq!(v, map(&[("ack", s("abc"))]));
+}
+
+#[test]
+fn forward_addresses() {
+    let p = |x: &str| parse_forward_addr(x);
+    assert_eq!(p(":24225").unwrap(), "0.0.0.0:24225".parse().unwrap());
+    assert_eq!(p("127.0.0.1").unwrap(), "127.0.0.1:24224".parse().unwrap());
+    assert_eq!(p("127.0.0.1:9").unwrap(), "127.0.0.1:9".parse().unwrap());
+    assert_eq!(p("::1").unwrap(), "[::1]:24224".parse().unwrap());
+    assert_eq!(p("[::1]:5").unwrap(), "[::1]:5".parse().unwrap());
+    assert_eq!(p("localhost").unwrap().port(), 24224);
+    assert!(matches!(p(""), Err(AddrError::Empty)));
+    assert!(matches!(p("host:x"), Err(AddrError::BadPort { .. })));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2048),
+                            cuts in proptest::collection::vec(0usize..2048, 0..8),
+                            ping in any::<bool>()) {
+        let mut dec = ForwardDecoder::new(4096, 8192);
+        dec.set_expect_ping(ping);
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+        cuts.sort();
+        let mut last = 0;
+        for c in cuts.into_iter().chain([data.len()]) {
+            dec.feed(&data[last..c]);
+            last = c;
+            loop {
+                match dec.next(NOW) {
+                    Ok(Some(Message::Events(e))) => {
+                        for (_, j) in e.iter() {
+                            // whatever is returned is valid JSON
+                            serde_json::from_slice::<serde_json::Value>(j).unwrap();
+                        }
+                    }
+                    Ok(Some(Message::Ping(_))) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(idx in 0usize..4, pos in any::<prop::sample::Index>(),
+                                  byte in any::<u8>()) {
+        let mut f = frames(0)[idx].clone();
+        let i = pos.index(f.len());
+        f[i] = byte;
+        let mut out = Vec::new();
+        let mut dec = ForwardDecoder::new(1 << 20, 1 << 20);
+        dec.feed(&f);
+        let _ = drain(&mut dec, &mut out);
+    }
+
+    #[test]
+    fn any_split_decodes_the_same(cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12)) {
+        let stream: Vec<u8> = (0..3).flat_map(|k| frames(k * 10)).flatten().collect();
+        let whole = decode_all(&stream).unwrap();
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.index(stream.len())).collect();
+        cuts.sort();
+        let mut dec = ForwardDecoder::new(1 << 20, 1 << 20);
+        let mut out = Vec::new();
+        let mut last = 0;
+        for c in cuts.into_iter().chain([stream.len()]) {
+            dec.feed(&stream[last..c]);
+            last = c;
+            drain(&mut dec, &mut out).unwrap();
+        }
+        prop_assert_eq!(out, whole);
+    }
+}
+
+// ---------------------------------------------------------------- the input over TCP
+
+mod net {
+    use super::*;
+    use crate::collector::record::{RecordSpec, SeqAllocator};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn start(
+        shared_key: Option<&str>,
+    ) -> (
+        SocketAddr,
+        mpsc::Receiver<InputBatch>,
+        CancellationToken,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let seq = SeqAllocator::open(dir.path()).unwrap();
+        let b = RecordBuilder::new(Arc::new(RecordSpec::new("c1")), seq).unwrap();
+        let mut cfg = ForwardConfig::new("127.0.0.1:0".parse().unwrap(), "c1");
+        cfg.shared_key = shared_key.map(str::to_owned);
+        let input = ForwardInput::bind(cfg).await.unwrap();
+        let addr = input.local_addr();
+        let (tx, rx) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        tokio::spawn(input.run(b, tx, cancel.clone(), None));
+        (addr, rx, cancel, dir)
+    }
+
+    async fn recv(rx: &mut mpsc::Receiver<InputBatch>) -> InputBatch {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    fn records(b: &InputBatch) -> Vec<serde_json::Value> {
+        b.chunks
+            .iter()
+            .flat_map(|c| c.data.split(|x| *x == b'\n').filter(|l| !l.is_empty()))
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+
+    async fn read_value(c: &mut TcpStream) -> Value {
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 1024];
+        loop {
+            if let Ok(v) = rmpv::decode::read_value(&mut &buf[..]) {
+                return v;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut tmp))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "connection closed");
+            buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn ack_only_after_delivery() {
+        let (addr, mut rx, cancel, _dir) = start(None).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&frames(0)[1]).await.unwrap();
+        let batch = recv(&mut rx).await;
+        let recs = records(&batch);
+        assert_eq!(recs.len(), 3);
+        assert_eq!(recs[0]["_tag"], "t.fwd");
+        assert_eq!(recs[0]["msg"], "hello");
+        assert_eq!(recs[0]["_ts"], "2023-11-14T22:13:20.000000000Z");
+        // not acknowledged while the batch (its Delivery) is alive
+        let mut tmp = [0u8; 16];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), c.read(&mut tmp))
+                .await
+                .is_err(),
+            "ack before delivery"
+        );
+        drop(batch);
+        assert_eq!(read_value(&mut c).await, map(&[("ack", s("c-fwd"))]));
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn garbage_closes_only_its_connection() {
+        let (addr, mut rx, cancel, _dir) = start(None).await;
+        let mut good = TcpStream::connect(addr).await.unwrap();
+        let mut bad = TcpStream::connect(addr).await.unwrap();
+        // a complete message, then garbage: the message is kept, the connection closed
+        let mut b = frames(0)[2].clone();
+        b.extend_from_slice(&[0x93, 0xc1, 0xc1, 0xc1]);
+        bad.write_all(&b).await.unwrap();
+        let batch = recv(&mut rx).await;
+        assert_eq!(records(&batch).len(), 3);
+        let mut tmp = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), bad.read(&mut tmp))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0, "bad connection closed");
+        good.write_all(&frames(5)[0]).await.unwrap();
+        let batch = recv(&mut rx).await;
+        let recs = records(&batch);
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0]["i"], 5);
+        drop(batch);
+        assert_eq!(read_value(&mut good).await, map(&[("ack", s("c-msg"))]));
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn shared_key_handshake() {
+        let (addr, mut rx, cancel, _dir) = start(Some("k3y")).await;
+        for (key, ok) in [("nope", false), ("k3y", true)] {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let helo = read_value(&mut c).await;
+            assert_eq!(helo[0].as_str(), Some("HELO"));
+            let nonce = helo[1]["nonce"].as_str().unwrap().to_owned();
+            let d = digest_hex(b"s", b"me", nonce.as_bytes(), key.as_bytes());
+            let ping = Value::Array(vec![s("PING"), s("me"), s("s"), s(&d), s(""), s("")]);
+            c.write_all(&enc(&ping)).await.unwrap();
+            let pong = read_value(&mut c).await;
+            assert_eq!(pong[1].as_bool(), Some(ok));
+            if ok {
+                assert_eq!(
+                    pong[4].as_str().unwrap(),
+                    digest_hex(b"s", b"c1", nonce.as_bytes(), b"k3y")
+                );
+                c.write_all(&frames(0)[0]).await.unwrap();
+                assert_eq!(records(&recv(&mut rx).await).len(), 1);
+            }
+        }
+        // events without the handshake: closed, nothing accepted
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        read_value(&mut c).await;
+        c.write_all(&frames(0)[0]).await.unwrap();
+        let mut tmp = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut tmp))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(rx.try_recv().is_err());
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn udp_heartbeat_is_echoed() {
+        let (addr, _rx, cancel, _dir) = start(None).await;
+        let u = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        u.send_to(b"\0", addr).await.unwrap();
+        let mut b = [9u8; 4];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), u.recv_from(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((n, b[0], from), (1, 0, addr));
+        cancel.cancel();
+    }
+}
