@@ -37,10 +37,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli::node::init_logging(&s.node.log_format, &s.node.log_level);
             warn_insecure(&s.node.security);
             let out = runtime()?.block_on(cli::collector::run(s))?;
+            if out.dropped_records > 0 {
+                eprintln!(
+                    "logmesh: {} records were dropped because the spool was full (--overflow drop-oldest)",
+                    out.dropped_records
+                );
+            }
             if out.undelivered_records > 0 {
                 eprintln!(
-                    "logmesh: {} records were not delivered before the drain timeout ({} delivered)",
-                    out.undelivered_records, out.delivered_records
+                    "logmesh: {} records were not delivered before the drain timeout ({} delivered); {} of them are kept in the spool and sent first at the next start",
+                    out.undelivered_records, out.delivered_records, out.spooled_records
                 );
                 return Ok(ExitCode::from(1));
             }

@@ -282,6 +282,19 @@ pub struct CollectorArgs {
     #[arg(long, env = "LOGMESH_REPLICATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replication: Option<usize>,
+    /// Bound of the disk spool for unacknowledged batches (default 1 GiB); when full the inputs
+    /// pause (or, with --overflow drop-oldest, the oldest spooled batches are dropped).
+    #[arg(long, env = "LOGMESH_BUFFER_MAX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffer_max_bytes: Option<u64>,
+    /// Memory tier in front of the spool: unacknowledged bytes kept in memory (default 64 MiB).
+    #[arg(long, env = "LOGMESH_BUFFER_MEMORY_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffer_memory_bytes: Option<u64>,
+    /// What to do when the spool is full: block (pause the inputs; default) or drop-oldest.
+    #[arg(long, env = "LOGMESH_OVERFLOW")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overflow: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

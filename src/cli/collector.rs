@@ -21,6 +21,7 @@ use crate::collector::link::QuicLink;
 use crate::collector::parse::Format;
 use crate::collector::record::{parse_label, RecordBuilder, RecordSpec, SeqAllocator};
 use crate::collector::sender::{Outcome, Sender, SenderConfig, SenderStats};
+use crate::collector::spool::Spool;
 use crate::collector::template::Template;
 use crate::config::{self, parse_duration, ConfigErrors};
 use crate::metrics::Metrics;
@@ -37,6 +38,7 @@ pub struct CollectorSettings {
     pub tag: Option<String>,
     pub spec: RecordSpec,
     pub sender: SenderConfig,
+    pub spool_max_bytes: u64,
 }
 
 pub fn settings(cli: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
@@ -127,6 +129,26 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
         }
         sc.zstd_level = l;
     }
+    let spool_max_bytes = a.buffer_max_bytes.unwrap_or(1 << 30);
+    if spool_max_bytes < (4 << 20) {
+        errs.push("buffer-max-bytes", "must be at least 4 MiB (4194304)");
+    }
+    if let Some(m) = a.buffer_memory_bytes {
+        if m < (1 << 20) {
+            errs.push("buffer-memory-bytes", "must be at least 1 MiB (1048576)");
+        }
+        sc.max_buffered_bytes = m as usize;
+    } else {
+        sc.max_buffered_bytes = 64 << 20;
+    }
+    match a.overflow.as_deref().unwrap_or("block") {
+        "block" => sc.drop_oldest = false,
+        "drop-oldest" => sc.drop_oldest = true,
+        other => errs.push(
+            "overflow",
+            format!("{other:?} is not an overflow policy: expected block or drop-oldest"),
+        ),
+    }
     if let Some(r) = a.replication {
         if !(1..=5).contains(&r) {
             errs.push("replication", "must be between 1 and 5");
@@ -142,6 +164,7 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
             tag: a.tag.clone(),
             spec,
             sender: sc,
+            spool_max_bytes,
         }),
         _ => Err(errs),
     }
@@ -266,7 +289,11 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
 
     let link = Arc::new(QuicLink::new(endpoint.clone(), Duration::from_secs(1)));
     let shutdown = CancellationToken::new();
-    let sender = Sender::new(s.sender.clone(), link, metrics.clone(), stats);
+    let spool_dir = s.node.data_dir.join("spool");
+    let (spool, recovered) = Spool::open(&spool_dir, s.spool_max_bytes, 64 << 20)
+        .with_context(|| format!("cannot open the spool in {}", spool_dir.display()))?;
+    let sender =
+        Sender::new(s.sender.clone(), link, metrics.clone(), stats).with_spool(spool, recovered);
     let mut pipeline = tokio::spawn(sender.run(rx, membership.subscribe(), shutdown.clone()));
     tracing::info!(node = %s.node.id, admin = %admin_addr, backend = membership.backend(), "collector running");
 

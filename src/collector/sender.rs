@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::{split_by_size, BatchPolicy, Pending};
 use crate::collector::link::{Link, LinkError};
 use crate::collector::record::{Delivery, InputBatch};
+use crate::collector::spool::{EntryId, Spool};
 use crate::metrics::Metrics;
 use crate::ring::Ring;
 use crate::wire::{self, Ack, BatchHeader, StreamChunk};
@@ -44,6 +45,9 @@ pub struct SenderConfig {
     pub avoid_for: Duration,
     /// Time allowed to deliver everything after EOF or shutdown.
     pub drain_timeout: Duration,
+    /// With `--overflow drop-oldest`: when the spool is full, drop its oldest segment instead
+    /// of pausing the inputs.
+    pub drop_oldest: bool,
 }
 
 impl SenderConfig {
@@ -59,6 +63,7 @@ impl SenderConfig {
             max_buffered_bytes: 256 << 20,
             avoid_for: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(30),
+            drop_oldest: false,
         }
     }
 }
@@ -69,6 +74,10 @@ pub struct Outcome {
     pub delivered_records: u64,
     /// Records not acknowledged when the drain timeout expired (0 on a clean drain).
     pub undelivered_records: u64,
+    /// Of those, records kept in the disk spool (sent first at the next start).
+    pub spooled_records: u64,
+    /// Records dropped because the spool was full and `drop_oldest` was set.
+    pub dropped_records: u64,
 }
 
 #[derive(Default)]
@@ -88,6 +97,9 @@ struct OutBatch {
     tried: Vec<String>,
     /// Only primary copies count towards delivered/undelivered records.
     primary: bool,
+    /// Set when the batch is also on disk in the spool; acknowledged there when the last
+    /// part of it (a re-route may split it) is acknowledged.
+    spool_ref: Option<Arc<EntryId>>,
 }
 
 struct Attempt {
@@ -125,6 +137,13 @@ pub struct Sender {
     unacked_records: u64,
     delivered: u64,
     scratch: Vec<u8>,
+    spool: Option<Spool>,
+    /// Spilled batches on disk, not in memory: (entry, records, bytes), oldest first.
+    spooled: VecDeque<(EntryId, u64, u64)>,
+    /// Bytes of records held in memory (the rest of `unacked_bytes` is on disk).
+    mem_bytes: u64,
+    dropped: u64,
+    abort: CancellationToken,
 }
 
 impl Sender {
@@ -155,7 +174,42 @@ impl Sender {
             unacked_records: 0,
             delivered: 0,
             scratch: Vec::new(),
+            spool: None,
+            spooled: VecDeque::new(),
+            mem_bytes: 0,
+            dropped: 0,
+            abort: CancellationToken::new(),
         }
+    }
+
+    /// Use `spool` for batches beyond the memory tier and at shutdown; `recovered` are the
+    /// frames an earlier run left in it, sent before anything new.
+    pub fn with_spool(mut self, spool: Spool, recovered: Vec<(EntryId, Vec<u8>)>) -> Sender {
+        let mut n = 0u64;
+        for (id, frame) in recovered {
+            match wire::decode_batch(&frame, usize::MAX >> 1) {
+                Ok(b) => {
+                    let records = b.header.records;
+                    let bytes = b.payload.len() as u64;
+                    self.spooled.push_back((id, records, bytes));
+                    self.unacked_records += records;
+                    self.unacked_bytes += bytes;
+                    n += records;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable batch in the spool; skipping it");
+                    self.metrics.error("spool_corrupt");
+                }
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                records = n,
+                "resending batches left in the spool by the last run"
+            );
+        }
+        self.spool = Some(spool);
+        self
     }
 
     /// Run until the inputs end (or `shutdown` fires) and everything is acknowledged, or
@@ -176,10 +230,8 @@ impl Sender {
             if drain_deadline.is_some() && self.is_idle() {
                 break;
             }
-            let can_read = input_open
-                && drain_deadline.is_none()
-                && self.ready.is_empty()
-                && (self.unacked_bytes as usize) < self.cfg.max_buffered_bytes;
+            let can_read =
+                input_open && drain_deadline.is_none() && self.ready.is_empty() && self.has_room();
             self.metrics.backpressure.set(i64::from(
                 input_open && !can_read && drain_deadline.is_none(),
             ));
@@ -193,6 +245,9 @@ impl Sender {
                             tracing::error!(error = %e, "send task failed; its batch is lost from memory");
                             self.metrics.error("internal");
                         }
+                    }
+                    if !self.spooled.is_empty() && !self.ring.is_empty() {
+                        self.reload(Instant::now());
                     }
                     self.launch_ready();
                 }
@@ -227,15 +282,207 @@ impl Sender {
                         self.seal(now);
                     }
                     self.unpark(now);
+                    if !self.spooled.is_empty() && !self.ring.is_empty() {
+                        self.reload(now);
+                    }
                 }
             }
         }
-        // drain: whatever input is still queued was never accepted for delivery
-        let undelivered = self.unacked_records + self.pending.records as u64;
+        // drain timeout (or done): whatever input is still queued was never accepted
+        let undelivered = self.unacked_records;
+        let spooled_records = if undelivered > 0 {
+            self.persist_all().await
+        } else {
+            0
+        };
         self.inflight.abort_all();
         Outcome {
             delivered_records: self.delivered,
             undelivered_records: undelivered,
+            spooled_records,
+            dropped_records: self.dropped,
+        }
+    }
+
+    /// May inputs be read? Yes while the memory tier has room, or the spool does.
+    fn has_room(&self) -> bool {
+        if (self.mem_bytes as usize) < self.cfg.max_buffered_bytes {
+            return true;
+        }
+        match &self.spool {
+            Some(sp) => self.cfg.drop_oldest || sp.has_room(self.cfg.max_batch_bytes as u64),
+            None => false,
+        }
+    }
+
+    /// At the drain deadline: stop every attempt, and write every unacknowledged batch that is
+    /// not on disk yet to the spool. Returns the records now in the spool.
+    async fn persist_all(&mut self) -> u64 {
+        self.abort.cancel();
+        let now = Instant::now();
+        self.seal_into_memory(now);
+        let mut batches: Vec<OutBatch> = Vec::new();
+        while let Some(done) = self.inflight.join_next().await {
+            if let Ok(a) = done {
+                if matches!(a.result, Ok(Ack::Committed)) {
+                    self.on_attempt(a, now);
+                } else {
+                    batches.push(a.batch);
+                }
+            }
+        }
+        batches.extend(self.ready.drain(..).map(|(b, _)| b));
+        batches.extend(self.parked.drain(..).map(|(_, b)| b));
+        let mut on_disk: u64 = self.spooled.iter().map(|(_, r, _)| *r).sum();
+        for b in batches {
+            if b.spool_ref.is_some() {
+                on_disk += b.records;
+                continue;
+            }
+            let records = if b.primary { b.records } else { 0 };
+            if self.spill(b) {
+                on_disk += records;
+            }
+        }
+        if on_disk > 0 {
+            tracing::warn!(
+                records = on_disk,
+                "undelivered records kept in the spool; they are sent first at the next start"
+            );
+        }
+        on_disk
+    }
+
+    fn encode(&mut self, b: &OutBatch) -> std::io::Result<Bytes> {
+        let header = BatchHeader {
+            collector: self.cfg.collector_id.clone(),
+            batch_id: b.id,
+            records: b.records,
+            raw_len: 0,
+            ring_version: self.ring.version(),
+        };
+        let mut out = Vec::new();
+        wire::encode_batch(
+            &header,
+            &b.chunks,
+            self.cfg.zstd_level,
+            &mut self.scratch,
+            &mut out,
+        )?;
+        Ok(Bytes::from(out))
+    }
+
+    /// Write a batch to the spool and forget it in memory (its Delivery handles are released:
+    /// the records are durable here). False if there is no spool or it is full.
+    fn spill(&mut self, b: OutBatch) -> bool {
+        if self.spool.is_none() {
+            return false;
+        }
+        let frame = match &b.frame {
+            Some(f) => f.clone(),
+            None => match self.encode(&b) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a batch for the spool");
+                    return false;
+                }
+            },
+        };
+        let Some(spool) = self.spool.as_mut() else {
+            return false;
+        };
+        if !spool.has_room(frame.len() as u64) && self.cfg.drop_oldest {
+            while !spool.has_room(frame.len() as u64) {
+                let Some(seg) = spool.drop_oldest() else {
+                    break;
+                };
+                let mut lost = 0;
+                self.spooled.retain(|(id, r, _)| {
+                    if id.segment == seg {
+                        lost += r;
+                        false
+                    } else {
+                        true
+                    }
+                });
+                tracing::warn!(
+                    records = lost,
+                    "spool full: dropped its oldest segment (--overflow drop-oldest)"
+                );
+                self.metrics.error("spool_overflow_dropped");
+                self.dropped += lost;
+                self.unacked_records = self.unacked_records.saturating_sub(lost);
+            }
+        }
+        match spool.append(&[&frame]) {
+            Ok(ids) => {
+                if let Some(id) = ids.first() {
+                    let records = if b.primary { b.records } else { 0 };
+                    self.spooled.push_back((*id, records, b.bytes));
+                    self.mem_bytes = self.mem_bytes.saturating_sub(b.bytes);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot spill to the spool");
+                false
+            }
+        }
+    }
+
+    /// Bring spilled batches back into memory while it has room, oldest first.
+    fn reload(&mut self, now: Instant) {
+        while (self.mem_bytes as usize) < self.cfg.max_buffered_bytes / 2
+            && self.ready.len() < self.cfg.max_inflight
+        {
+            let Some((id, _, _)) = self.spooled.pop_front() else {
+                break;
+            };
+            let Some(spool) = self.spool.as_ref() else {
+                break;
+            };
+            let frame = match spool.read(id) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read a spooled batch back; it stays on disk for the next start");
+                    self.metrics.error("spool_read");
+                    break;
+                }
+            };
+            let decoded = match wire::decode_batch(&frame, usize::MAX >> 1) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(error = %e, "corrupt spooled batch; skipping it");
+                    self.metrics.error("spool_corrupt");
+                    if let Some(sp) = self.spool.as_mut() {
+                        sp.ack(id);
+                    }
+                    continue;
+                }
+            };
+            let chunks: Vec<StreamChunk> = decoded
+                .chunks
+                .iter()
+                .map(|c| StreamChunk {
+                    key: decoded.key(c).to_string(),
+                    count: c.count,
+                    data: decoded.data(c).to_vec(),
+                })
+                .collect();
+            let bytes = decoded.payload.len() as u64;
+            self.mem_bytes += bytes;
+            let b = OutBatch {
+                id: decoded.header.batch_id,
+                chunks,
+                records: decoded.header.records,
+                bytes,
+                frame: Some(Bytes::from(frame)),
+                deliveries: Vec::new(),
+                tried: Vec::new(),
+                primary: true,
+                spool_ref: Some(Arc::new(id)),
+            };
+            self.reroute(b, now);
         }
     }
 
@@ -244,6 +491,7 @@ impl Sender {
             && self.inflight.is_empty()
             && self.ready.is_empty()
             && self.parked.is_empty()
+            && self.spooled.is_empty()
     }
 
     fn next_wake(&self) -> Option<Instant> {
@@ -253,6 +501,12 @@ impl Sender {
             .deadline(&self.pending)
             .map(Instant::from_std);
         let parked = self.parked.iter().map(|(t, _)| *t).min();
+        let parked = if self.spooled.is_empty() {
+            parked
+        } else {
+            let t = Instant::now() + Duration::from_millis(100);
+            Some(parked.map_or(t, |p| p.min(t)))
+        };
         match (linger, parked) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -326,6 +580,7 @@ impl Sender {
             }
         }
         self.unacked_bytes += bytes as u64;
+        self.mem_bytes += bytes as u64;
         self.unacked_records += records as u64;
         self.pending.add(bytes, records, now.into_std());
         self.publish_stats();
@@ -383,8 +638,60 @@ impl Sender {
         out
     }
 
-    /// Seal everything pending into batches, one or more per owning aggregator.
+    /// Seal everything pending into batches and send them; beyond the memory tier, new
+    /// batches go to the spool instead.
     fn seal(&mut self, now: Instant) {
+        let before = self.ready.len();
+        self.seal_into_memory(now);
+        if self.spool.is_some() && (self.mem_bytes as usize) > self.cfg.max_buffered_bytes {
+            let fresh: Vec<(OutBatch, String)> = self.ready.drain(before..).collect();
+            for (b, target) in fresh {
+                if (self.mem_bytes as usize) <= self.cfg.max_buffered_bytes {
+                    self.ready.push_back((b, target));
+                    continue;
+                }
+                let keep = b.primary;
+                if !keep {
+                    self.ready.push_back((b, target));
+                    continue;
+                }
+                // Spilled batches are re-routed when they are read back.
+                let frame_batch = b;
+                if !self.spill_or_keep(frame_batch, target) {
+                    break;
+                }
+            }
+        }
+        self.launch_ready();
+    }
+
+    /// Spill `b`; if the spool cannot take it, keep it in memory.
+    fn spill_or_keep(&mut self, b: OutBatch, target: String) -> bool {
+        let deliveries = b.deliveries.len();
+        let fallback = OutBatch {
+            id: b.id,
+            chunks: b.chunks.clone(),
+            records: b.records,
+            bytes: b.bytes,
+            frame: b.frame.clone(),
+            deliveries: b.deliveries.clone(),
+            tried: Vec::new(),
+            primary: b.primary,
+            spool_ref: None,
+        };
+        if self.spill(b) {
+            self.metrics.error("spilled_to_spool");
+            tracing::debug!(deliveries, "memory tier full: batch spilled to the spool");
+            true
+        } else {
+            self.ready.push_back((fallback, target));
+            false
+        }
+    }
+
+    /// Seal everything pending into batches, one or more per owning aggregator, without
+    /// launching them.
+    fn seal_into_memory(&mut self, now: Instant) {
         if self.pending.is_empty() {
             return;
         }
@@ -431,7 +738,6 @@ impl Sender {
                 self.parked.push_back((now + Duration::from_millis(500), b));
             }
         }
-        self.launch_ready();
     }
 
     fn make_batches(
@@ -462,6 +768,7 @@ impl Sender {
                     deliveries: Vec::new(),
                     tried: Vec::new(),
                     primary,
+                    spool_ref: None,
                 };
                 self.next_batch_id += 1;
                 for _ in range {
@@ -496,6 +803,7 @@ impl Sender {
         };
         let token = self.down_tokens.entry(target.clone()).or_default().clone();
         let link = self.link.clone();
+        let abort = self.abort.clone();
         let timeout = self.cfg.ack_timeout;
         let ring_version = self.ring.version();
         let collector = self.cfg.collector_id.clone();
@@ -535,6 +843,10 @@ impl Sender {
                             id: target.clone(),
                             reason: "aggregator declared down".into(),
                         }),
+                        _ = abort.cancelled() => Err(LinkError::Io {
+                            id: target.clone(),
+                            reason: "drain timeout".into(),
+                        }),
                     }
                 }
             };
@@ -565,6 +877,14 @@ impl Sender {
                     self.delivered += batch.records;
                     self.unacked_records = self.unacked_records.saturating_sub(batch.records);
                     self.unacked_bytes = self.unacked_bytes.saturating_sub(batch.bytes);
+                }
+                self.mem_bytes = self.mem_bytes.saturating_sub(batch.bytes);
+                if let Some(r) = batch.spool_ref.take() {
+                    if let Ok(id) = Arc::try_unwrap(r) {
+                        if let Some(sp) = self.spool.as_mut() {
+                            sp.ack(id);
+                        }
+                    }
                 }
                 // dropping the batch drops its Delivery handles: inputs may checkpoint
                 drop(batch);
@@ -627,6 +947,7 @@ impl Sender {
             deliveries,
             tried,
             primary,
+            spool_ref,
             ..
         } = batch;
         let mut slots: Vec<Option<StreamChunk>> = chunks.into_iter().map(Some).collect();
@@ -640,6 +961,7 @@ impl Sender {
                 deliveries: deliveries.clone(),
                 tried: tried.clone(),
                 primary,
+                spool_ref: spool_ref.clone(),
             };
             self.next_batch_id += 1;
             for i in idx {

@@ -19,7 +19,9 @@ const HEADER: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error("spool I/O error on {path}: {source}; check that the data dir is writable and has space")]
+    #[error(
+        "spool I/O error on {path}: {source}; check that the data dir is writable and has space"
+    )]
     Io {
         path: PathBuf,
         #[source]
@@ -41,6 +43,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
 pub struct EntryId {
     pub segment: u64,
     pub index: u32,
+    /// Byte offset of the frame (after the entry header) in its segment, and its length.
+    pub offset: u64,
+    pub len: u32,
 }
 
 #[derive(Debug)]
@@ -115,6 +120,7 @@ impl Spool {
         let mut recovered = Vec::new();
         for id in ids {
             let path = dir.join(format!("{id:020}.spool"));
+            let base = 0usize;
             let mut buf = Vec::new();
             File::open(&path)
                 .and_then(|mut f| f.read_to_end(&mut buf))
@@ -122,21 +128,29 @@ impl Spool {
             let (frames, valid) = scan(&buf);
             if valid < buf.len() {
                 tracing::warn!(file = %path.display(), valid, size = buf.len(), "spool segment has a torn or corrupt tail; cutting it");
-                let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
                 f.set_len(valid as u64).map_err(io(&path))?;
             }
             if frames.is_empty() {
                 std::fs::remove_file(&path).map_err(io(&path))?;
                 continue;
             }
+            let mut off = base;
             for (i, fr) in frames.iter().enumerate() {
+                off += HEADER;
                 recovered.push((
                     EntryId {
                         segment: id,
                         index: i as u32,
+                        offset: off as u64,
+                        len: fr.len() as u32,
                     },
                     fr.to_vec(),
                 ));
+                off += fr.len();
             }
             spool.used += valid as u64;
             spool.segments.insert(
@@ -177,7 +191,11 @@ impl Spool {
         }
         let mut ids = Vec::with_capacity(frames.len());
         let mut buf = Vec::with_capacity(need as usize);
-        let roll = match self.active.as_ref().and_then(|(id, _)| self.segments.get(id)) {
+        let roll = match self
+            .active
+            .as_ref()
+            .and_then(|(id, _)| self.segments.get(id))
+        {
             Some(s) => s.bytes >= self.segment_bytes,
             None => true,
         };
@@ -211,6 +229,7 @@ impl Spool {
             return Ok(ids);
         };
         for f in frames {
+            let offset = seg.bytes + buf.len() as u64 + HEADER as u64;
             buf.extend_from_slice(&MAGIC.to_be_bytes());
             buf.extend_from_slice(&(f.len() as u32).to_be_bytes());
             buf.extend_from_slice(&crc32fast::hash(f).to_be_bytes());
@@ -218,6 +237,8 @@ impl Spool {
             ids.push(EntryId {
                 segment: seg_id,
                 index: seg.entries,
+                offset,
+                len: f.len() as u32,
             });
             seg.entries += 1;
             seg.live += 1;
@@ -227,6 +248,26 @@ impl Spool {
         seg.bytes += buf.len() as u64;
         self.used += buf.len() as u64;
         Ok(ids)
+    }
+
+    /// Read a spooled frame back (it must still be on disk).
+    pub fn read(&self, id: EntryId) -> Result<Vec<u8>, SpoolError> {
+        use std::io::{Seek, SeekFrom};
+        let path = self
+            .segments
+            .get(&id.segment)
+            .map(|s| s.path.clone())
+            .unwrap_or_else(|| self.dir.join(format!("{:020}.spool", id.segment)));
+        let mut f = File::open(&path).map_err(io(&path))?;
+        f.seek(SeekFrom::Start(id.offset)).map_err(io(&path))?;
+        let mut buf = vec![0u8; id.len as usize];
+        f.read_exact(&mut buf).map_err(io(&path))?;
+        Ok(buf)
+    }
+
+    /// Is this entry's segment still on disk (not dropped by overflow)?
+    pub fn contains(&self, id: EntryId) -> bool {
+        self.segments.contains_key(&id.segment)
     }
 
     /// An entry was acknowledged by an aggregator.
@@ -249,7 +290,8 @@ impl Spool {
             }
         } else if done && active == Some(segment) {
             // the active segment is fully acknowledged: start afresh in place
-            if let (Some(s), Some((_, f))) = (self.segments.get_mut(&segment), self.active.as_ref()) {
+            if let (Some(s), Some((_, f))) = (self.segments.get_mut(&segment), self.active.as_ref())
+            {
                 if f.set_len(0).is_ok() {
                     self.used = self.used.saturating_sub(s.bytes);
                     s.bytes = 0;
@@ -296,6 +338,10 @@ mod tests {
         let (mut s, rec) = Spool::open(dir.path(), 1 << 20, 1 << 16).unwrap();
         let frames: Vec<&[u8]> = rec.iter().map(|(_, f)| f.as_slice()).collect();
         assert_eq!(frames, vec![&b"one"[..], b"two", &big, &big, b"three"]);
+        for (id, f) in &rec {
+            assert_eq!(&s.read(*id).unwrap(), f);
+        }
+        assert_eq!(s.read(c[0]).unwrap(), b"three");
         for (id, _) in &rec {
             s.ack(*id);
         }
@@ -310,7 +356,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = Spool::open(dir.path(), 100, 1 << 16).unwrap();
         assert!(s.append(&[&[0u8; 50]]).is_ok());
-        assert!(matches!(s.append(&[&[0u8; 50]]), Err(SpoolError::Full { .. })));
+        assert!(matches!(
+            s.append(&[&[0u8; 50]]),
+            Err(SpoolError::Full { .. })
+        ));
         assert_eq!(s.used(), 62);
     }
 
