@@ -495,10 +495,27 @@ match_stream = "/s0$"
         let (dir, quic) = (tmp.path().to_path_buf(), agg.quic);
         std::thread::spawn(move || run_collector(&dir, quic, total, 350, Duration::from_secs(40)))
     };
+    let mut errors = BTreeSet::new();
     while !collector.is_finished() {
         peak_rss = peak_rss.max(agg.rss_kib());
+        if let Some(e) = agg.sink("http")["last_error"].as_str() {
+            errors.insert(e.to_string());
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
+    eprintln!("[harness] http sink errors seen: {errors:#?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("503") && e.contains("maintenance")),
+        "the 503 answer is not in the sink's errors: {errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains(&addr.to_string()) && !e.contains("503")),
+        "the refused connection is not in the sink's errors: {errors:?}"
+    );
     collector.join().unwrap();
     let _server2 = outage.join().unwrap();
     let s = agg.wait_caught_up("http", Duration::from_secs(40));

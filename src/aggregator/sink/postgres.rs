@@ -267,7 +267,7 @@ impl PostgresSink {
                 .pg
                 .connect(NoTls)
                 .await
-                .map_err(|e| pg_error("connect", &e))?;
+                .map_err(|e| pg_error(&format!("connect to {}", self.target()), &e))?;
             let name = self.cfg.name.clone();
             let task = tokio::spawn(async move {
                 if let Err(e) = connection.await {
@@ -279,6 +279,29 @@ impl PostgresSink {
         match self.conn.as_mut() {
             Some(c) => Ok(&mut c.client),
             None => Err(SinkError::Other("postgres connection vanished".into())),
+        }
+    }
+
+    /// `host:port` of the server(s), for messages (never the password).
+    fn target(&self) -> String {
+        let ports = self.pg.get_ports();
+        let hosts: Vec<String> = self
+            .pg
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                match h {
+                    tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                    tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+                }
+            })
+            .collect();
+        if hosts.is_empty() {
+            "the default server".into()
+        } else {
+            hosts.join(",")
         }
     }
 
