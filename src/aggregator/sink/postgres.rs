@@ -9,7 +9,8 @@
 //!
 //! Tables are created if missing (`create_table`, default on):
 //! `<table> (id bigserial primary key, stream text not null, record jsonb not null,
-//! inserted_at timestamptz not null default now())`.
+//! inserted_at timestamptz not null default now())`; the positions table is always created
+//! if missing (in the table's schema).
 //!
 //! This module owns the connection (reconnecting on the next write after any error), the
 //! COPY text encoding ([`encode_copy_rows`], sans-IO) and the SQL. Connections are plain TCP
