@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::aggregator::server::{self, Committer, ServerConfig};
-use crate::aggregator::sink::file::FileSink;
+use crate::aggregator::sink::config::{self as sink_config, SinkSpec};
 use crate::aggregator::store::{CommitOutcome, Store, StoreConfig, StoreError};
 use crate::cli::node::{self, NodeSettings};
 use crate::cli::AggregatorArgs;
@@ -33,6 +33,8 @@ pub struct AggregatorSettings {
     pub max_batch_bytes: usize,
     pub buffer_max_bytes: u64,
     pub drain_timeout: Duration,
+    /// From the config file's `[[sink]]` tables (default: one file sink under `out_dir`).
+    pub sinks: Vec<SinkSpec>,
 }
 
 /// Layer file/env/flags and validate everything that can be checked before starting.
@@ -41,8 +43,21 @@ pub fn settings(cli: &AggregatorArgs) -> Result<AggregatorSettings, ConfigErrors
         Some(p) => Some(config::read_file(p)?),
         None => None,
     };
-    let a = config::layer(cli, file, &["role"])?;
-    validate(&a)
+    let sink_tables = file.as_ref().and_then(|t| t.get("sink").cloned());
+    let a = config::layer(cli, file, &["role", "sink"])?;
+    match validate(&a) {
+        Ok(mut s) => {
+            s.sinks = sink_config::parse_sinks(sink_tables.as_ref(), &s.out_dir, &s.node.id)?;
+            Ok(s)
+        }
+        Err(mut errs) => {
+            let dir = std::path::Path::new(".");
+            if let Err(more) = sink_config::parse_sinks(sink_tables.as_ref(), dir, "") {
+                errs.0.extend(more.0);
+            }
+            Err(errs)
+        }
+    }
 }
 
 pub fn validate(a: &AggregatorArgs) -> Result<AggregatorSettings, ConfigErrors> {
@@ -70,18 +85,22 @@ pub fn validate(a: &AggregatorArgs) -> Result<AggregatorSettings, ConfigErrors> 
     }
     let buffer_max_bytes = a.buffer_max_bytes.unwrap_or(1 << 30);
     match node {
-        Some(node) if errs.is_empty() => Ok(AggregatorSettings {
-            out_dir: a
+        Some(node) if errs.is_empty() => {
+            let out_dir = a
                 .out_dir
                 .clone()
-                .unwrap_or_else(|| node.data_dir.join("out")),
-            node,
-            listen,
-            advertise,
-            max_batch_bytes,
-            buffer_max_bytes,
-            drain_timeout,
-        }),
+                .unwrap_or_else(|| node.data_dir.join("out"));
+            Ok(AggregatorSettings {
+                sinks: sink_config::default_sinks(&out_dir),
+                out_dir,
+                node,
+                listen,
+                advertise,
+                max_batch_bytes,
+                buffer_max_bytes,
+                drain_timeout,
+            })
+        }
         _ => Err(errs),
     }
 }
@@ -145,11 +164,10 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
         s.advertise
     };
 
-    let file_sink = FileSink::new(&s.out_dir)
-        .with_context(|| format!("cannot use --out-dir {}", s.out_dir.display()))?;
+    let sinks = sink_config::build_sinks(&s.sinks).context("cannot set up the sinks")?;
     let mut store_cfg = StoreConfig::new(s.node.data_dir.join("store"));
     store_cfg.max_buffer_bytes = s.buffer_max_bytes;
-    let store = Store::open(store_cfg, vec![Box::new(file_sink)])
+    let store = Store::open(store_cfg, sinks)
         .await
         .context("cannot open the write-ahead buffer")?;
 
@@ -180,6 +198,14 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
                     "duplicates": st.duplicates,
                     "fsyncs": st.fsyncs,
                     "segments": st.segments,
+                    "sinks": st.sinks.iter().map(|k| serde_json::json!({
+                        "name": k.name,
+                        "position": k.position,
+                        "lag_batches": k.lag_batches,
+                        "delivered_records": k.delivered_records,
+                        "failures": k.failures,
+                        "last_error": k.last_error,
+                    })).collect::<Vec<_>>(),
                 })
             }),
         },
@@ -204,7 +230,8 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
     member.ready = true;
     membership.set_local(member.clone()).await.ok();
     ready.store(true, Ordering::Relaxed);
-    tracing::info!(node = %s.node.id, quic = %bound, admin = %admin_addr, out_dir = %s.out_dir.display(), backend = membership.backend(), "aggregator ready");
+    let sink_names: Vec<&str> = s.sinks.iter().map(|k| k.name.as_str()).collect();
+    tracing::info!(node = %s.node.id, quic = %bound, admin = %admin_addr, sinks = ?sink_names, backend = membership.backend(), "aggregator ready");
 
     // keep the buffer gauge and records_out (records every sink has written) fresh
     {

@@ -16,7 +16,12 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub mod config;
 pub mod file;
+pub mod http;
+pub mod nats;
+pub mod postgres;
+pub mod stdout;
 
 pub use file::{stream_file_name, FileSink};
 
