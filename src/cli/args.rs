@@ -220,7 +220,8 @@ pub struct CollectorArgs {
     #[arg(long, env = "LOGMESH_TAIL", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tail: Vec<String>,
-    /// auto | json | logfmt | raw | regex:<re with named captures> (default auto).
+    /// auto | json | logfmt | raw | docker | cri | regex:<re with named captures> (default
+    /// auto; auto also recognises Docker and CRI container logs in --tail files).
     #[arg(long, env = "LOGMESH_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,

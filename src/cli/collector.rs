@@ -66,6 +66,10 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
     let id = node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
     let mut spec = RecordSpec::new(id.clone());
     match a.format.as_deref().unwrap_or("auto").parse::<Format>() {
+        Ok(f @ (Format::Docker | Format::Cri)) if a.stdin => errs.push(
+            "format",
+            format!("--format {f} decodes container log files of --tail, not --stdin; use --format auto for stdin"),
+        ),
         Ok(f) => spec.format = f,
         Err(e) => errs.push("format", e.to_string()),
     }

@@ -129,6 +129,19 @@ pub fn parse_label(s: &str) -> Result<(String, String), SpecError> {
     }
 }
 
+/// Per-record additions for [`RecordBuilder::push_auto`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extra<'a> {
+    /// String fields added to the record (e.g. `stream`, Kubernetes `pod`/`namespace`) and
+    /// visible to the stream-key template. The input's own key wins; they win over a
+    /// `--label` of the same name.
+    pub fields: &'a [(&'a str, &'a str)],
+    /// The input already cut this text: flag `_truncated`.
+    pub truncated: bool,
+    /// The input could not decode its framing (kept as is): flag `_parse_error`.
+    pub parse_error: bool,
+}
+
 /// Builds output records from input lines. One per input task (clone it for another);
 /// holds reusable scratch buffers, so pushing a line does not allocate.
 #[derive(Debug, Clone)]
@@ -143,6 +156,8 @@ pub struct RecordBuilder {
     id_prefix: Vec<u8>,
     /// `(capture group index, name)` for `Format::Regex`.
     regex_names: Vec<(usize, String)>,
+    /// Static label count: `label_keys[n_labels..]` are the keys of the current `Extra` fields.
+    n_labels: usize,
     locs: Option<regex::CaptureLocations>,
     template_wants_message: Option<usize>,
     // scratch, reused per line
@@ -207,6 +222,7 @@ impl RecordBuilder {
             all_labels,
             id_prefix,
             regex_names,
+            n_labels,
             locs,
             template_wants_message,
             vals: FieldVals::default(),
@@ -228,6 +244,34 @@ impl RecordBuilder {
         &mut self,
         tag: &str,
         line: &[u8],
+        now_unix_nanos: i64,
+        acc: &mut Accumulator,
+    ) -> bool {
+        self.push_text(tag, line, Extra::default(), false, now_unix_nanos, acc)
+    }
+
+    /// Build a record from `text` parsed like `--format auto` whatever the spec's format (a
+    /// JSON object's fields go top level, anything else becomes `message`), with `extra`
+    /// fields and flags, and `ts_unix_nanos` as its `_ts`. For inputs that decode their own
+    /// framing (container logs, syslog). Text longer than `max_record_bytes` is cut and
+    /// flagged like in [`RecordBuilder::push_line`]. Returns false if it was blank.
+    pub fn push_auto(
+        &mut self,
+        tag: &str,
+        text: &[u8],
+        extra: Extra<'_>,
+        ts_unix_nanos: i64,
+        acc: &mut Accumulator,
+    ) -> bool {
+        self.push_text(tag, text, extra, true, ts_unix_nanos, acc)
+    }
+
+    fn push_text(
+        &mut self,
+        tag: &str,
+        line: &[u8],
+        extra: Extra<'_>,
+        auto: bool,
         now_unix_nanos: i64,
         acc: &mut Accumulator,
     ) -> bool {
@@ -261,27 +305,34 @@ impl RecordBuilder {
                 (utf8.as_str(), true)
             }
         };
-        self.build(tag, text, truncated, invalid_utf8, now_unix_nanos, acc);
+        let truncated = truncated || extra.truncated;
+        self.build(tag, text, truncated, invalid_utf8, extra, auto, now_unix_nanos, acc);
         self.utf8 = utf8;
         true
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build(
         &mut self,
         tag: &str,
         text: &str,
         truncated: bool,
         invalid_utf8: bool,
+        extra: Extra<'_>,
+        auto: bool,
         now: i64,
         acc: &mut Accumulator,
     ) {
+        self.sync_extra_keys(extra.fields);
+        let n_labels = self.n_labels;
         let fields = self.spec.stream_key.fields();
         self.vals.reset(fields.len());
         self.label_present.iter_mut().for_each(|p| *p = false);
         let spec = &*self.spec;
 
-        let body = match &spec.format {
-            Format::Auto | Format::Json => {
+        let format = if auto { &Format::Auto } else { &spec.format };
+        let body = match format {
+            Format::Auto | Format::Json | Format::Docker | Format::Cri => {
                 let json = if truncated {
                     None
                 } else {
@@ -295,7 +346,7 @@ impl RecordBuilder {
                 };
                 json.unwrap_or(Body::Message {
                     // a truncated line is not a parse error: it was cut on purpose
-                    parse_error: matches!(spec.format, Format::Json) && !truncated,
+                    parse_error: matches!(format, Format::Json) && !truncated,
                 })
             }
             Format::Raw => Body::Message { parse_error: false },
@@ -349,6 +400,18 @@ impl RecordBuilder {
             }
             if let Some(i) = self.label_keys.iter().position(|k| k == "message") {
                 self.label_present[i] = true;
+            }
+        }
+
+        for (j, (k, v)) in extra.fields.iter().enumerate() {
+            if self.label_present[n_labels + j] {
+                continue; // the input has its own
+            }
+            if let Some(fi) = fields.iter().position(|f| f == k) {
+                self.vals.set(fi, v);
+            }
+            if let Some(i) = self.label_keys[..n_labels].iter().position(|l| l == k) {
+                self.label_present[i] = true; // the extra field replaces the static label
             }
         }
 
@@ -426,7 +489,7 @@ impl RecordBuilder {
         if invalid_utf8 {
             out.extend_from_slice(b",\"_invalid_utf8\":true");
         }
-        if parse_error {
+        if parse_error || extra.parse_error {
             out.extend_from_slice(b",\"_parse_error\":true");
         }
         if self.label_present.iter().any(|p| *p) {
@@ -438,11 +501,37 @@ impl RecordBuilder {
         } else {
             out.extend_from_slice(&self.all_labels);
         }
+        for (j, (k, v)) in extra.fields.iter().enumerate() {
+            if !self.label_present[n_labels + j] {
+                out.push(b',');
+                write_json_str(out, k);
+                out.push(b':');
+                write_json_str(out, v);
+            }
+        }
         out.extend_from_slice(b"}\n");
         let written = out.len() - start;
         chunk.count += 1;
         acc.records += 1;
         acc.bytes += written as u64;
+    }
+}
+
+impl RecordBuilder {
+    /// Make `label_keys[n_labels..]` the keys of `extra` (usually already so: no allocation).
+    fn sync_extra_keys(&mut self, extra: &[(&str, &str)]) {
+        let n = self.n_labels;
+        let same = self.label_keys.len() == n + extra.len()
+            && self.label_keys[n..]
+                .iter()
+                .zip(extra)
+                .all(|(a, (b, _))| a == b);
+        if !same {
+            self.label_keys.truncate(n);
+            self.label_keys
+                .extend(extra.iter().map(|(k, _)| (*k).to_owned()));
+            self.label_present.resize(self.label_keys.len(), false);
+        }
     }
 }
 
