@@ -220,6 +220,11 @@ pub struct CollectorArgs {
     #[arg(long, env = "LOGMESH_TAIL", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tail: Vec<String>,
+    /// Receive syslog (RFC 5424 and RFC 3164) on ADDR over UDP and TCP (octet-counted or
+    /// newline-framed), e.g. 0.0.0.0:5514. Tag: the app name, else "syslog".
+    #[arg(long, env = "LOGMESH_SYSLOG")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syslog: Option<String>,
     /// auto | json | logfmt | raw | docker | cri | regex:<re with named captures> (default
     /// auto; auto also recognises Docker and CRI container logs in --tail files).
     #[arg(long, env = "LOGMESH_FORMAT")]

@@ -15,6 +15,7 @@ use crate::batch::BatchPolicy;
 use crate::cli::node::{self, NodeSettings};
 use crate::cli::CollectorArgs;
 use crate::collector::input::stdin::run_stdin;
+use crate::collector::input::syslog::run_syslog;
 use crate::collector::input::tail::{run_tail, TailConfig};
 use crate::collector::link::QuicLink;
 use crate::collector::parse::Format;
@@ -32,6 +33,7 @@ pub struct CollectorSettings {
     pub node: NodeSettings,
     pub stdin: bool,
     pub tail: Vec<String>,
+    pub syslog: Option<SocketAddr>,
     pub tag: Option<String>,
     pub spec: RecordSpec,
     pub sender: SenderConfig,
@@ -55,9 +57,22 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
         a.static_aggregators.as_deref(),
         &mut errs,
     );
-    if !a.stdin && a.tail.is_empty() {
-        errs.push("stdin", "no input: give --stdin and/or --tail GLOB");
+    if !a.stdin && a.tail.is_empty() && a.syslog.is_none() {
+        errs.push(
+            "stdin",
+            "no input: give --stdin, --tail GLOB and/or --syslog ADDR",
+        );
     }
+    let syslog = a.syslog.as_deref().and_then(|s| {
+        s.parse::<SocketAddr>()
+            .map_err(|e| {
+                errs.push(
+                    "syslog",
+                    format!("{s:?} is not an address ({e}); use IP:PORT, e.g. 0.0.0.0:5514"),
+                )
+            })
+            .ok()
+    });
     for g in &a.tail {
         if let Err(e) = glob::Pattern::new(g) {
             errs.push("tail", format!("{g:?} is not a valid glob: {e}"));
@@ -130,6 +145,7 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
             node,
             stdin: a.stdin,
             tail: a.tail.clone(),
+            syslog,
             tag: a.tag.clone(),
             spec,
             sender: sc,
@@ -213,6 +229,10 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
         tc.tag = s.tag.clone();
         let (b, tx, c) = (builder.clone(), tx.clone(), input_cancel.clone());
         inputs.spawn(async move { run_tail(tc, b, tx, c).await });
+    }
+    if let Some(addr) = s.syslog {
+        let (b, tx, c) = (builder.clone(), tx.clone(), input_cancel.clone());
+        inputs.spawn(async move { run_syslog(addr, b, tx, c).await });
     }
     drop(tx);
 

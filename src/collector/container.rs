@@ -253,15 +253,16 @@ impl<'de> Visitor<'de> for DockerVisitor<'_> {
         while let Some(k) = map.next_key::<DockerKey>()? {
             match k {
                 DockerKey::Log if !has_log => {
-                    map.next_value_seed(StrSeed(|s: &str| self.log.extend_from_slice(s.as_bytes())))?;
+                    map.next_value_seed(StrSeed(|s: &str| {
+                        self.log.extend_from_slice(s.as_bytes())
+                    }))?;
                     has_log = true;
                 }
                 DockerKey::Stream => {
                     map.next_value_seed(StrSeed(|s: &str| stream = Stream::parse(s.as_bytes())))?
                 }
-                DockerKey::Time => {
-                    map.next_value_seed(StrSeed(|s: &str| time = parse_rfc3339_nanos(s.as_bytes())))?
-                }
+                DockerKey::Time => map
+                    .next_value_seed(StrSeed(|s: &str| time = parse_rfc3339_nanos(s.as_bytes())))?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }

@@ -306,7 +306,16 @@ impl RecordBuilder {
             }
         };
         let truncated = truncated || extra.truncated;
-        self.build(tag, text, truncated, invalid_utf8, extra, auto, now_unix_nanos, acc);
+        self.build(
+            tag,
+            text,
+            truncated,
+            invalid_utf8,
+            extra,
+            auto,
+            now_unix_nanos,
+            acc,
+        );
         self.utf8 = utf8;
         true
     }

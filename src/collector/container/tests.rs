@@ -37,7 +37,10 @@ fn rfc3339_parses_offsets_fractions_and_rejects_garbage() {
         Some(0),
         "no fraction"
     );
-    assert_eq!(parse_rfc3339_nanos(b"1970-01-01 00:00:01.5z"), Some(1_500_000_000));
+    assert_eq!(
+        parse_rfc3339_nanos(b"1970-01-01 00:00:01.5z"),
+        Some(1_500_000_000)
+    );
     for bad in [
         &b"2024-13-01T00:00:00Z"[..],
         b"2024-02-30T00:00:00Z",
@@ -49,7 +52,12 @@ fn rfc3339_parses_offsets_fractions_and_rejects_garbage() {
         b"hello",
         b"",
     ] {
-        assert_eq!(parse_rfc3339_nanos(bad), None, "{}", String::from_utf8_lossy(bad));
+        assert_eq!(
+            parse_rfc3339_nanos(bad),
+            None,
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
     }
     assert_eq!(
         parse_rfc3339_nanos(b"2024-02-29T00:00:00Z"),
@@ -67,7 +75,10 @@ fn docker_and_cri_lines_parse() {
     log.clear();
     let with_attrs = br#"{"log":"x","attrs":{"a":"b"},"stream":"stdout","time":"bad"}"#;
     let d = parse_docker(with_attrs, &mut log).unwrap();
-    assert_eq!((d.stream, d.time, &log[..]), (Stream::Stdout, None, &b"x"[..]));
+    assert_eq!(
+        (d.stream, d.time, &log[..]),
+        (Stream::Stdout, None, &b"x"[..])
+    );
     for bad in [
         &br#"{"log":"x","stream":"other","time":"2024-05-01T12:00:00Z"}"#[..],
         br#"{"stream":"stdout"}"#,
@@ -137,9 +148,16 @@ fn docker_partials_join_and_strip_newline() {
     assert_eq!(got[0].0, Stream::Stderr);
     assert_eq!(got[0].2, b"err whole");
     assert_eq!(got[1].0, Stream::Stdout);
-    assert_eq!(got[1].1, Some(T0_NANOS), "a joined record keeps its first time");
+    assert_eq!(
+        got[1].1,
+        Some(T0_NANOS),
+        "a joined record keeps its first time"
+    );
     assert_eq!(got[1].2, b"part one part two");
-    assert_eq!(got[2].2, b"", "an empty line is a record (the builder skips it)");
+    assert_eq!(
+        got[2].2, b"",
+        "an empty line is a record (the builder skips it)"
+    );
 }
 
 #[test]
@@ -167,7 +185,11 @@ fn joined_message_is_bounded_and_cut_at_a_char_boundary() {
     ];
     let got = run(&mut d, &lines);
     assert_eq!(got.len(), 3);
-    assert_eq!(got[0].2, "123456789".as_bytes(), "é would straddle the limit");
+    assert_eq!(
+        got[0].2,
+        "123456789".as_bytes(),
+        "é would straddle the limit"
+    );
     assert!(got[0].3);
     assert_eq!((got[1].2.as_slice(), got[1].3), (&b"short"[..], false));
     assert_eq!((got[2].2.as_slice(), got[2].3), (&b"0123456789"[..], true));
@@ -197,7 +219,10 @@ fn flush_emits_held_parts_oldest_first() {
     d.flush(|r| got.push((r.stream, r.msg.to_vec())));
     assert_eq!(
         got,
-        vec![(Stream::Stderr, b"e1".to_vec()), (Stream::Stdout, b"o1".to_vec())]
+        vec![
+            (Stream::Stderr, b"e1".to_vec()),
+            (Stream::Stdout, b"o1".to_vec())
+        ]
     );
     assert_eq!(d.pending_raw_bytes(), 0);
 }
@@ -357,15 +382,36 @@ fn push_auto_adds_extra_fields_visible_to_the_template() {
     let mut spec = RecordSpec::new("c1");
     spec.format = crate::collector::parse::Format::Cri;
     spec.stream_key = "{namespace}/{container}".parse().unwrap();
-    spec.labels = vec![("namespace".into(), "static".into()), ("env".into(), "prod".into())];
-    let mut b = RecordBuilder::new(Arc::new(spec), SeqAllocator::open(dir.path()).unwrap()).unwrap();
+    spec.labels = vec![
+        ("namespace".into(), "static".into()),
+        ("env".into(), "prod".into()),
+    ];
+    let mut b =
+        RecordBuilder::new(Arc::new(spec), SeqAllocator::open(dir.path()).unwrap()).unwrap();
     let mut acc = Accumulator::new();
-    let fields = [("stream", "stderr"), ("namespace", "shop"), ("container", "nginx")];
-    let extra = Extra { fields: &fields, truncated: false, parse_error: false };
-    assert!(b.push_auto("t", br#"{"level":"warn","container":"own"}"#, extra, T0_NANOS, &mut acc));
+    let fields = [
+        ("stream", "stderr"),
+        ("namespace", "shop"),
+        ("container", "nginx"),
+    ];
+    let extra = Extra {
+        fields: &fields,
+        truncated: false,
+        parse_error: false,
+    };
+    assert!(b.push_auto(
+        "t",
+        br#"{"level":"warn","container":"own"}"#,
+        extra,
+        T0_NANOS,
+        &mut acc
+    ));
     assert!(b.push_auto("t", b"plain text", extra, T0_NANOS, &mut acc));
     assert!(!b.push_auto("t", b"  ", extra, T0_NANOS, &mut acc));
-    let trunc = Extra { truncated: true, ..extra };
+    let trunc = Extra {
+        truncated: true,
+        ..extra
+    };
     assert!(b.push_auto("t", b"cut", trunc, T0_NANOS, &mut acc));
     let chunks = acc.take();
     let mut recs = Vec::new();
@@ -383,7 +429,10 @@ fn push_auto_adds_extra_fields_visible_to_the_template() {
     assert_eq!(k, "shop/own", "the input's own field wins");
     assert_eq!(v["container"], "own");
     assert_eq!(v["level"], "warn");
-    assert_eq!(v["namespace"], "shop", "an extra field replaces the static label");
+    assert_eq!(
+        v["namespace"], "shop",
+        "an extra field replaces the static label"
+    );
     assert_eq!(v["env"], "prod");
     assert_eq!(v["stream"], "stderr");
     assert_eq!(v["_ts"], T0);

@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod lines;
 pub mod stdin;
+pub mod syslog;
 pub mod tail;
 
 use std::path::PathBuf;

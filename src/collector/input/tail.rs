@@ -44,7 +44,8 @@ use super::checkpoint::{CheckpointStore, DeliveryTracker, FileCheckpoint, FileKe
 use super::lines::LineSplitter;
 use super::{InputError, READ_CHUNK};
 use crate::collector::container::{
-    ContainerDecoder, ContainerFormat, ContainerRecord, DecodeMode, Decoded, K8sMeta, CONTAINER_LINE_MAX,
+    ContainerDecoder, ContainerFormat, ContainerRecord, DecodeMode, Decoded, K8sMeta,
+    CONTAINER_LINE_MAX,
 };
 use crate::collector::parse::Format;
 use crate::collector::record::{
