@@ -371,9 +371,8 @@ impl K8sMeta {
             }
             let (container, id) = rest.rsplit_once('-')?;
             let ok = |s: &str| !s.is_empty();
-            if !(ok(pod) && ok(namespace) && ok(container) && ok(id))
-                || !id.bytes().all(|b| b.is_ascii_alphanumeric())
-            {
+            let id_ok = ok(id) && id.bytes().all(|b| b.is_ascii_alphanumeric());
+            if !(ok(pod) && ok(namespace) && ok(container) && id_ok) {
                 return None;
             }
             return Some(K8sMeta {

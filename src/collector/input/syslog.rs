@@ -618,15 +618,8 @@ pub async fn run_syslog(
     tx: mpsc::Sender<InputBatch>,
     cancel: CancellationToken,
 ) -> Result<(), InputError> {
-    let what = || format!("syslog address {addr} (is the port in use? set --syslog)");
-    let tcp = TcpListener::bind(addr)
-        .await
-        .map_err(InputError::io(what()))?;
-    let bound = tcp.local_addr().map_err(InputError::io(what()))?;
-    let udp = UdpSocket::bind(bound)
-        .await
-        .map_err(InputError::io(what()))?;
-    tracing::info!(addr = %bound, "syslog input listening (UDP and TCP)");
+    let (tcp, udp, bound) = bind_both(addr).await?;
+    tracing::info!(addr = %bound, transports = "udp,tcp", "syslog input listening");
     let mut tasks = tokio::task::JoinSet::new();
     {
         let (b, tx, c) = (builder.clone(), tx.clone(), cancel.clone());
@@ -635,6 +628,26 @@ pub async fn run_syslog(
     tasks.spawn(async move { tcp_accept(tcp, builder, tx, cancel).await });
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// TCP and UDP sockets on the same address. With port 0, a port free for both is picked.
+async fn bind_both(addr: SocketAddr) -> Result<(TcpListener, UdpSocket, SocketAddr), InputError> {
+    let what = || format!("syslog address {addr} (is the port in use? set --syslog)");
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(InputError::io(what()))?;
+        let bound = tcp.local_addr().map_err(InputError::io(what()))?;
+        match UdpSocket::bind(bound).await {
+            Ok(udp) => return Ok((tcp, udp, bound)),
+            Err(e) if addr.port() == 0 && attempt < 20 => {
+                tracing::debug!(error = %e, port = bound.port(), "UDP port taken; trying another");
+            }
+            Err(e) => return Err(InputError::io(what())(e)),
+        }
+    }
 }
 
 async fn udp_loop(
