@@ -26,6 +26,9 @@
 //!   `max_record_bytes` is cut at a char boundary and flagged `_truncated` (a cut JSON line
 //!   is kept as a raw `message`); whitespace-only lines are skipped; a trailing `\r` is
 //!   dropped.
+//! - [`RecordBuilder::push_auto`] (container logs, syslog) parses like `auto` whatever the
+//!   format, takes the record time from the input, and adds per-record [`Extra`] fields
+//!   (input key wins; they replace a `--label` of the same name; the template sees them).
 
 use std::collections::HashMap;
 use std::io::Write as _;
