@@ -229,7 +229,13 @@ pub struct CollectorArgs {
     #[arg(long, env = "LOGMESH_FORWARD_SHARED_KEY", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forward_shared_key: Option<String>,
-    /// auto | json | logfmt | raw | regex:<re with named captures> (default auto).
+    /// Receive syslog (RFC 5424 and RFC 3164) on ADDR over UDP and TCP (octet-counted or
+    /// newline-framed), e.g. 0.0.0.0:5514. Tag: the app name, else "syslog".
+    #[arg(long, env = "LOGMESH_SYSLOG")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syslog: Option<String>,
+    /// auto | json | logfmt | raw | docker | cri | regex:<re with named captures> (default
+    /// auto; auto also recognises Docker and CRI container logs in --tail files).
     #[arg(long, env = "LOGMESH_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,

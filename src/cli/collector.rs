@@ -16,6 +16,7 @@ use crate::cli::node::{self, NodeSettings};
 use crate::cli::CollectorArgs;
 use crate::collector::input::forward::{parse_forward_addr, ForwardConfig, ForwardInput};
 use crate::collector::input::stdin::run_stdin;
+use crate::collector::input::syslog::run_syslog;
 use crate::collector::input::tail::{run_tail, TailConfig};
 use crate::collector::link::QuicLink;
 use crate::collector::parse::Format;
@@ -35,6 +36,7 @@ pub struct CollectorSettings {
     pub stdin: bool,
     pub tail: Vec<String>,
     pub forward: Option<ForwardConfig>,
+    pub syslog: Option<SocketAddr>,
     pub tag: Option<String>,
     pub spec: RecordSpec,
     pub sender: SenderConfig,
@@ -59,12 +61,22 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
         a.static_aggregators.as_deref(),
         &mut errs,
     );
-    if !a.stdin && a.tail.is_empty() && a.forward.is_none() {
+    if !a.stdin && a.tail.is_empty() && a.forward.is_none() && a.syslog.is_none() {
         errs.push(
             "stdin",
-            "no input: give --stdin, --tail GLOB and/or --forward ADDR",
+            "no input: give --stdin, --tail GLOB, --forward ADDR and/or --syslog ADDR",
         );
     }
+    let syslog = a.syslog.as_deref().and_then(|s| {
+        s.parse::<SocketAddr>()
+            .map_err(|e| {
+                errs.push(
+                    "syslog",
+                    format!("{s:?} is not an address ({e}); use IP:PORT, e.g. 0.0.0.0:5514"),
+                )
+            })
+            .ok()
+    });
     for g in &a.tail {
         if let Err(e) = glob::Pattern::new(g) {
             errs.push("tail", format!("{g:?} is not a valid glob: {e}"));
@@ -74,6 +86,10 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
     let forward = forward_settings(a, &id, &mut errs);
     let mut spec = RecordSpec::new(id.clone());
     match a.format.as_deref().unwrap_or("auto").parse::<Format>() {
+        Ok(f @ (Format::Docker | Format::Cri)) if a.stdin => errs.push(
+            "format",
+            format!("--format {f} decodes container log files of --tail, not --stdin; use --format auto for stdin"),
+        ),
         Ok(f) => spec.format = f,
         Err(e) => errs.push("format", e.to_string()),
     }
@@ -161,6 +177,7 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
             stdin: a.stdin,
             tail: a.tail.clone(),
             forward,
+            syslog,
             tag: a.tag.clone(),
             spec,
             sender: sc,
@@ -284,6 +301,10 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
             metrics.clone(),
         );
         inputs.spawn(async move { input.run(b, tx, c, Some(m)).await });
+    }
+    if let Some(addr) = s.syslog {
+        let (b, tx, c) = (builder.clone(), tx.clone(), input_cancel.clone());
+        inputs.spawn(async move { run_syslog(addr, b, tx, c).await });
     }
     drop(tx);
 

@@ -1,5 +1,6 @@
 //! The collector role: inputs → parse/label → per-stream accumulation → routed batches → QUIC.
 
+pub mod container;
 pub mod input;
 pub mod link;
 pub mod parse;

@@ -31,12 +31,19 @@ pub enum Format {
     /// Named captures become string fields; a line that does not match is kept as a raw
     /// `message` with `_parse_error: true`.
     Regex(regex::Regex),
+    /// Docker json-file container logs (`--tail` only; see `collector::container`). The
+    /// joined message is parsed like `Auto`.
+    Docker,
+    /// CRI container logs (`--tail` only), parsed like `Docker`.
+    Cri,
 }
 
 /// Why a `--format` value was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("unknown format {0:?}: use one of auto, json, logfmt, raw, regex:<pattern>")]
+    #[error(
+        "unknown format {0:?}: use one of auto, json, logfmt, raw, docker, cri, regex:<pattern>"
+    )]
     Unknown(String),
     #[error(
         "format 'regex:' needs a pattern after the colon, e.g. regex:^(?P<level>\\w+) (?P<message>.*)$"
@@ -77,6 +84,8 @@ impl FromStr for Format {
             "json" => Ok(Format::Json),
             "logfmt" => Ok(Format::Logfmt),
             "raw" => Ok(Format::Raw),
+            "docker" => Ok(Format::Docker),
+            "cri" => Ok(Format::Cri),
             _ => Err(FormatError::Unknown(s.to_owned())),
         }
     }
@@ -90,6 +99,8 @@ impl fmt::Display for Format {
             Format::Logfmt => f.write_str("logfmt"),
             Format::Raw => f.write_str("raw"),
             Format::Regex(re) => write!(f, "regex:{}", re.as_str()),
+            Format::Docker => f.write_str("docker"),
+            Format::Cri => f.write_str("cri"),
         }
     }
 }
@@ -647,11 +658,13 @@ pub(crate) mod tests {
         assert!(matches!("JSON".parse::<Format>(), Ok(Format::Json)));
         assert!(matches!("logfmt".parse::<Format>(), Ok(Format::Logfmt)));
         assert!(matches!("raw".parse::<Format>(), Ok(Format::Raw)));
+        assert!(matches!("docker".parse::<Format>(), Ok(Format::Docker)));
+        assert!(matches!("CRI".parse::<Format>(), Ok(Format::Cri)));
         let f: Format = r"regex:^(?P<level>\w+) (?<msg>.*)$".parse().unwrap();
         assert_eq!(f.to_string(), r"regex:^(?P<level>\w+) (?<msg>.*)$");
         let e = "yaml".parse::<Format>().unwrap_err().to_string();
         assert!(
-            e.contains("auto, json, logfmt, raw, regex:<pattern>"),
+            e.contains("auto, json, logfmt, raw, docker, cri, regex:<pattern>"),
             "{e}"
         );
         let e = r"regex:(\w+)".parse::<Format>().unwrap_err().to_string();

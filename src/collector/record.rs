@@ -26,6 +26,9 @@
 //!   `max_record_bytes` is cut at a char boundary and flagged `_truncated` (a cut JSON line
 //!   is kept as a raw `message`); whitespace-only lines are skipped; a trailing `\r` is
 //!   dropped.
+//! - [`RecordBuilder::push_auto`] (container logs, syslog) parses like `auto` whatever the
+//!   format, takes the record time from the input, and adds per-record [`Extra`] fields
+//!   (input key wins; they replace a `--label` of the same name; the template sees them).
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -129,8 +132,32 @@ pub fn parse_label(s: &str) -> Result<(String, String), SpecError> {
     }
 }
 
+/// Per-record additions for [`RecordBuilder::push_auto`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extra<'a> {
+    /// String fields added to the record (e.g. `stream`, Kubernetes `pod`/`namespace`) and
+    /// visible to the stream-key template. The input's own key wins; they win over a
+    /// `--label` of the same name.
+    pub fields: &'a [(&'a str, &'a str)],
+    /// The input already cut this text: flag `_truncated`.
+    pub truncated: bool,
+    /// The input could not decode its framing (kept as is): flag `_parse_error`.
+    pub parse_error: bool,
+}
+
 /// Builds output records from input lines. One per input task (clone it for another);
 /// holds reusable scratch buffers, so pushing a line does not allocate.
+/// How a record's text is parsed: by `--format`, or forced by the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parse {
+    /// As `--format` says.
+    Spec,
+    /// Like `--format auto` (inputs that decode their own framing: containers, syslog).
+    Auto,
+    /// A JSON object whatever `--format` says (structured inputs: forward).
+    Json,
+}
+
 #[derive(Debug, Clone)]
 pub struct RecordBuilder {
     spec: Arc<RecordSpec>,
@@ -143,6 +170,8 @@ pub struct RecordBuilder {
     id_prefix: Vec<u8>,
     /// `(capture group index, name)` for `Format::Regex`.
     regex_names: Vec<(usize, String)>,
+    /// Static label count: `label_keys[n_labels..]` are the keys of the current `Extra` fields.
+    n_labels: usize,
     locs: Option<regex::CaptureLocations>,
     template_wants_message: Option<usize>,
     // scratch, reused per line
@@ -207,6 +236,7 @@ impl RecordBuilder {
             all_labels,
             id_prefix,
             regex_names,
+            n_labels,
             locs,
             template_wants_message,
             vals: FieldVals::default(),
@@ -231,7 +261,7 @@ impl RecordBuilder {
         now_unix_nanos: i64,
         acc: &mut Accumulator,
     ) -> bool {
-        self.push(tag, line, now_unix_nanos, acc, false)
+        self.push_text(tag, line, Extra::default(), Parse::Spec, now_unix_nanos, acc)
     }
 
     /// Build the record for an input that is already structured: `obj` is a JSON object
@@ -240,16 +270,33 @@ impl RecordBuilder {
     /// metadata, labels, stream key) is as for [`RecordBuilder::push_line`]; an `obj` that
     /// is not a JSON object is kept as a `message` flagged `_parse_error`.
     pub fn push_object(&mut self, tag: &str, obj: &[u8], ts: i64, acc: &mut Accumulator) -> bool {
-        self.push(tag, obj, ts, acc, true)
+        self.push_text(tag, obj, Extra::default(), Parse::Json, ts, acc)
     }
 
-    fn push(
+    /// Build a record from `text` parsed like `--format auto` whatever the spec's format (a
+    /// JSON object's fields go top level, anything else becomes `message`), with `extra`
+    /// fields and flags, and `ts_unix_nanos` as its `_ts`. For inputs that decode their own
+    /// framing (container logs, syslog). Text longer than `max_record_bytes` is cut and
+    /// flagged like in [`RecordBuilder::push_line`]. Returns false if it was blank.
+    pub fn push_auto(
+        &mut self,
+        tag: &str,
+        text: &[u8],
+        extra: Extra<'_>,
+        ts_unix_nanos: i64,
+        acc: &mut Accumulator,
+    ) -> bool {
+        self.push_text(tag, text, extra, Parse::Auto, ts_unix_nanos, acc)
+    }
+
+    fn push_text(
         &mut self,
         tag: &str,
         line: &[u8],
+        extra: Extra<'_>,
+        parse: Parse,
         now_unix_nanos: i64,
         acc: &mut Accumulator,
-        force_json: bool,
     ) -> bool {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -281,14 +328,16 @@ impl RecordBuilder {
                 (utf8.as_str(), true)
             }
         };
+        let truncated = truncated || extra.truncated;
         self.build(
             tag,
             text,
             truncated,
             invalid_utf8,
+            extra,
+            parse,
             now_unix_nanos,
             acc,
-            force_json,
         );
         self.utf8 = utf8;
         true
@@ -301,22 +350,25 @@ impl RecordBuilder {
         text: &str,
         truncated: bool,
         invalid_utf8: bool,
+        extra: Extra<'_>,
+        parse: Parse,
         now: i64,
         acc: &mut Accumulator,
-        force_json: bool,
     ) {
+        self.sync_extra_keys(extra.fields);
+        let n_labels = self.n_labels;
         let fields = self.spec.stream_key.fields();
         self.vals.reset(fields.len());
         self.label_present.iter_mut().for_each(|p| *p = false);
         let spec = &*self.spec;
 
-        let format = if force_json {
-            &Format::Json
-        } else {
-            &spec.format
+        let format = match parse {
+            Parse::Spec => &spec.format,
+            Parse::Auto => &Format::Auto,
+            Parse::Json => &Format::Json,
         };
         let body = match format {
-            Format::Auto | Format::Json => {
+            Format::Auto | Format::Json | Format::Docker | Format::Cri => {
                 let json = if truncated {
                     None
                 } else {
@@ -384,6 +436,18 @@ impl RecordBuilder {
             }
             if let Some(i) = self.label_keys.iter().position(|k| k == "message") {
                 self.label_present[i] = true;
+            }
+        }
+
+        for (j, (k, v)) in extra.fields.iter().enumerate() {
+            if self.label_present[n_labels + j] {
+                continue; // the input has its own
+            }
+            if let Some(fi) = fields.iter().position(|f| f == k) {
+                self.vals.set(fi, v);
+            }
+            if let Some(i) = self.label_keys[..n_labels].iter().position(|l| l == k) {
+                self.label_present[i] = true; // the extra field replaces the static label
             }
         }
 
@@ -461,7 +525,7 @@ impl RecordBuilder {
         if invalid_utf8 {
             out.extend_from_slice(b",\"_invalid_utf8\":true");
         }
-        if parse_error {
+        if parse_error || extra.parse_error {
             out.extend_from_slice(b",\"_parse_error\":true");
         }
         if self.label_present.iter().any(|p| *p) {
@@ -473,11 +537,37 @@ impl RecordBuilder {
         } else {
             out.extend_from_slice(&self.all_labels);
         }
+        for (j, (k, v)) in extra.fields.iter().enumerate() {
+            if !self.label_present[n_labels + j] {
+                out.push(b',');
+                write_json_str(out, k);
+                out.push(b':');
+                write_json_str(out, v);
+            }
+        }
         out.extend_from_slice(b"}\n");
         let written = out.len() - start;
         chunk.count += 1;
         acc.records += 1;
         acc.bytes += written as u64;
+    }
+}
+
+impl RecordBuilder {
+    /// Make `label_keys[n_labels..]` the keys of `extra` (usually already so: no allocation).
+    fn sync_extra_keys(&mut self, extra: &[(&str, &str)]) {
+        let n = self.n_labels;
+        let same = self.label_keys.len() == n + extra.len()
+            && self.label_keys[n..]
+                .iter()
+                .zip(extra)
+                .all(|(a, (b, _))| a == b);
+        if !same {
+            self.label_keys.truncate(n);
+            self.label_keys
+                .extend(extra.iter().map(|(k, _)| (*k).to_owned()));
+            self.label_present.resize(self.label_keys.len(), false);
+        }
     }
 }
 

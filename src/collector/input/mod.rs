@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod forward;
 pub mod lines;
 pub mod stdin;
+pub mod syslog;
 pub mod tail;
 
 use std::path::PathBuf;

@@ -14,6 +14,14 @@
 //!   batches are delivered. The new file at the path is a new (dev, inode), read from 0.
 //! - copytruncate: a file whose size drops below the read position is read again from 0.
 //!
+//! Container logs (`--format auto|docker|cri`): each file has a
+//! [`ContainerDecoder`](crate::collector::container::ContainerDecoder) that detects Docker
+//! json-file or CRI lines (auto) and joins partial lines; records get `stream`, the
+//! container's time as `_ts`, and Kubernetes labels from the path. A message still being
+//! joined is never behind a checkpoint; it is sent as is when the file is finished or has
+//! been quiet for `rotate_wait`. Under `auto`, lines longer than `max_record_bytes` are cut
+//! before detection (the fixed formats allow [`CONTAINER_LINE_MAX`] per physical line).
+//!
 //! Files are matched to checkpoints by (dev, inode); a checkpoint beyond the file's size means
 //! the file was truncated while we were down: it is read from 0. Known limits: after a restart,
 //! the rest of a rotated file that no glob matches any more is not read (use a glob such as
@@ -35,7 +43,14 @@ use tokio_util::sync::CancellationToken;
 use super::checkpoint::{CheckpointStore, DeliveryTracker, FileCheckpoint, FileKey};
 use super::lines::LineSplitter;
 use super::{InputError, READ_CHUNK};
-use crate::collector::record::{unix_nanos_now, Accumulator, Delivery, InputBatch, RecordBuilder};
+use crate::collector::container::{
+    ContainerDecoder, ContainerFormat, ContainerRecord, DecodeMode, Decoded, K8sMeta,
+    CONTAINER_LINE_MAX,
+};
+use crate::collector::parse::Format;
+use crate::collector::record::{
+    unix_nanos_now, Accumulator, Delivery, Extra, InputBatch, RecordBuilder,
+};
 
 /// Minimum time between two checkpoint saves.
 pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -101,6 +116,12 @@ pub async fn run_tail(
             .map_err(|e| InputError::io("checkpoint file")(std::io::Error::other(e)))??
     };
     let max = builder.spec().max_record_bytes;
+    let container = match builder.spec().format {
+        Format::Auto => Some(DecodeMode::Detect),
+        Format::Docker => Some(DecodeMode::Fixed(ContainerFormat::Docker)),
+        Format::Cri => Some(DecodeMode::Fixed(ContainerFormat::Cri)),
+        _ => None,
+    };
     let mut t = Tail {
         files: HashMap::new(),
         saved,
@@ -111,6 +132,7 @@ pub async fn run_tail(
             tx,
             cancel: cancel.clone(),
             max,
+            container,
         },
         store,
         dirty: false,
@@ -131,6 +153,10 @@ struct Tailed {
     file: Option<tokio::fs::File>,
     read_pos: u64,
     split: LineSplitter,
+    /// Container log decoding (formats auto, docker, cri).
+    dec: Option<ContainerDecoder>,
+    /// Kubernetes labels from the path, added to container records.
+    meta: Vec<(&'static str, String)>,
     tracker: DeliveryTracker,
     orphaned_since: Option<Instant>,
     last_growth: Instant,
@@ -154,6 +180,7 @@ struct Reader {
     tx: mpsc::Sender<InputBatch>,
     cancel: CancellationToken,
     max: usize,
+    container: Option<DecodeMode>,
 }
 
 struct Tail {
@@ -316,6 +343,14 @@ impl Tail {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| path.to_string_lossy().into_owned()),
         };
+        let max = self.reader.max;
+        let line_max = match self.reader.container {
+            Some(DecodeMode::Fixed(_)) => max.max(CONTAINER_LINE_MAX),
+            _ => max,
+        };
+        let meta = K8sMeta::from_path(path)
+            .map(|m| m.labels())
+            .unwrap_or_default();
         tracing::debug!(path = %path.display(), offset = start, "tailing file");
         Ok(Some((
             real,
@@ -324,7 +359,9 @@ impl Tail {
                 tag,
                 file: Some(file),
                 read_pos: start,
-                split: LineSplitter::new(self.reader.max),
+                split: LineSplitter::new(line_max),
+                dec: self.reader.container.map(|m| ContainerDecoder::new(m, max)),
+                meta,
                 tracker: DeliveryTracker::new(start),
                 orphaned_since: None,
                 last_growth: Instant::now(),
@@ -376,6 +413,9 @@ impl Reader {
                 .map_err(InputError::io(what()))?;
             t.read_pos = 0;
             t.split.reset();
+            if let Some(d) = t.dec.as_mut() {
+                d.reset();
+            }
             t.tracker.reset(0);
             changed = true;
         }
@@ -394,25 +434,48 @@ impl Reader {
             t.read_pos += n as u64;
             let now = unix_nanos_now();
             let (builder, acc, tag) = (&mut self.builder, &mut self.acc, &t.tag);
-            t.split.feed(&self.buf[..n], |line| {
-                builder.push_line(tag, line, now, acc);
-            });
-            let consumed = t.read_pos - t.split.pending() as u64;
+            match t.dec.as_mut() {
+                None => t.split.feed(&self.buf[..n], |line| {
+                    builder.push_line(tag, line, now, acc);
+                }),
+                Some(dec) => t.split.feed(&self.buf[..n], |line| {
+                    push_decoded(builder, acc, tag, &t.meta, dec.push(line), now);
+                }),
+            }
+            let held = t.dec.as_ref().map_or(0, |d| d.pending_raw_bytes());
+            let consumed = t.read_pos - t.split.pending() as u64 - held;
             self.send(&mut t.tracker, consumed).await?;
         }
         let now = Instant::now();
         if progressed {
             t.last_growth = now;
-        } else if let Some(since) = t.orphaned_since {
-            if now.duration_since(since) >= rotate_wait
-                && now.duration_since(t.last_growth) >= rotate_wait
-            {
+            return Ok((progressed, changed));
+        }
+        let quiet = now.duration_since(t.last_growth) >= rotate_wait;
+        if let Some(dec) = t.dec.as_mut().filter(|d| d.has_pending() && quiet) {
+            // The last part of a container message never came: send what there is.
+            let ts = unix_nanos_now();
+            let (builder, acc, tag) = (&mut self.builder, &mut self.acc, &t.tag);
+            dec.flush(|r| push_record(builder, acc, tag, &t.meta, r, ts));
+            let consumed = t.read_pos - t.split.pending() as u64;
+            self.send(&mut t.tracker, consumed).await?;
+        }
+        if let Some(since) = t.orphaned_since {
+            if now.duration_since(since) >= rotate_wait && quiet {
                 // Rotated away and quiet: the unfinished last line is all there will be.
                 let ts = unix_nanos_now();
                 let (builder, acc, tag) = (&mut self.builder, &mut self.acc, &t.tag);
-                t.split.finish(|line| {
-                    builder.push_line(tag, line, ts, acc);
-                });
+                match t.dec.as_mut() {
+                    None => t.split.finish(|line| {
+                        builder.push_line(tag, line, ts, acc);
+                    }),
+                    Some(dec) => {
+                        t.split.finish(|line| {
+                            push_decoded(builder, acc, tag, &t.meta, dec.push(line), ts);
+                        });
+                        dec.flush(|r| push_record(builder, acc, tag, &t.meta, r, ts));
+                    }
+                }
                 let end = t.read_pos;
                 self.send(&mut t.tracker, end).await?;
                 t.file = None;
@@ -442,6 +505,61 @@ impl Reader {
         tracker.push(consumed, weak);
         Ok(())
     }
+}
+
+/// Build what a container decoder made of one line.
+fn push_decoded(
+    b: &mut RecordBuilder,
+    acc: &mut Accumulator,
+    tag: &str,
+    meta: &[(&'static str, String)],
+    d: Decoded<'_>,
+    now: i64,
+) {
+    match d {
+        Decoded::Record(r) => push_record(b, acc, tag, meta, r, now),
+        Decoded::Plain(line) => {
+            b.push_line(tag, line, now, acc);
+        }
+        Decoded::Malformed(line) => {
+            let mut f = [("", ""); 4];
+            let n = meta.len().min(f.len());
+            for (slot, (k, v)) in f.iter_mut().zip(meta) {
+                *slot = (k, v);
+            }
+            let extra = Extra {
+                fields: &f[..n],
+                truncated: false,
+                parse_error: true,
+            };
+            b.push_auto(tag, line, extra, now, acc);
+        }
+        Decoded::Held | Decoded::Blank => {}
+    }
+}
+
+/// A container record: `stream` and the Kubernetes labels added, the container's time as
+/// `_ts` (the read time if the line had none).
+fn push_record(
+    b: &mut RecordBuilder,
+    acc: &mut Accumulator,
+    tag: &str,
+    meta: &[(&'static str, String)],
+    r: ContainerRecord<'_>,
+    now: i64,
+) {
+    let mut f = [("", ""); 5];
+    f[0] = ("stream", r.stream.as_str());
+    let n = 1 + meta.len().min(f.len() - 1);
+    for (slot, (k, v)) in f[1..].iter_mut().zip(meta) {
+        *slot = (k, v);
+    }
+    let extra = Extra {
+        fields: &f[..n],
+        truncated: r.truncated,
+        parse_error: false,
+    };
+    b.push_auto(tag, r.msg, extra, r.time.unwrap_or(now), acc);
 }
 
 fn file_key(meta: &std::fs::Metadata) -> FileKey {
