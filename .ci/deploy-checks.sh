@@ -9,7 +9,8 @@
 #      prints no warning.
 # Exits non-zero on the first failing group, after printing every failure of that group.
 # The test that runs the manifests' and units' command lines against the binary is
-# tests/deploy.rs (cargo test --test deploy).
+# tests/deploy.rs (cargo test --test deploy); it needs kubectl and etcd, which this script
+# installs when missing, so run this script first.
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,6 +31,8 @@ need_tools() {
     local missing=()
     command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    # not used here, but by `cargo test --test deploy` (the etcd overlay runs against etcd)
+    command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
     if [ ${#missing[@]} -gt 0 ]; then
         note "installing ${missing[*]} (Debian)"
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >/dev/null \
