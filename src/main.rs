@@ -81,7 +81,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         }
-        Command::Bench(_) | Command::Demo(_) => {
+        Command::Bench(a) => {
+            cli::bench::run(&a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(_) => {
             anyhow::bail!("this subcommand is not built yet")
         }
     }

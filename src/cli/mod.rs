@@ -3,6 +3,7 @@
 
 pub mod aggregator;
 pub mod args;
+pub mod bench;
 pub mod collector;
 mod discovery_cfg;
 pub mod node;
