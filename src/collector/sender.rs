@@ -124,7 +124,6 @@ pub struct Sender {
     unacked_bytes: u64,
     unacked_records: u64,
     delivered: u64,
-    scratch: Vec<u8>,
 }
 
 impl Sender {
@@ -154,7 +153,6 @@ impl Sender {
             unacked_bytes: 0,
             unacked_records: 0,
             delivered: 0,
-            scratch: Vec::new(),
         }
     }
 
@@ -500,7 +498,6 @@ impl Sender {
         let ring_version = self.ring.version();
         let collector = self.cfg.collector_id.clone();
         let level = self.cfg.zstd_level;
-        let mut scratch = std::mem::take(&mut self.scratch);
         self.metrics.batches_sent.inc();
         self.inflight.spawn(async move {
             let started = Instant::now();
@@ -515,7 +512,7 @@ impl Sender {
                         ring_version,
                     };
                     let mut out = Vec::new();
-                    wire::encode_batch(&header, &batch.chunks, level, &mut scratch, &mut out)
+                    wire::encode_batch_reusing(&header, &batch.chunks, level, &mut out)
                         .map(|_| Bytes::from(out))
                 }
             };
