@@ -132,7 +132,7 @@ pub fn generate_records(records: u64, record_bytes: usize, streams: usize) -> Ve
                 line.extend_from_slice(word.as_bytes());
                 line.push(b' ');
             } else {
-                line.extend(std::iter::repeat(b'x').take(room));
+                line.resize(line.len() + room, b'x');
             }
         }
         line.extend_from_slice(tail);
