@@ -91,8 +91,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli::demo::run(&a)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(_) => {
-            anyhow::bail!("this subcommand is not built yet")
+        Command::Bench(a) => {
+            cli::bench::run(&a)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -89,6 +89,64 @@ pub fn encode_chunks(chunks: &[StreamChunk], out: &mut Vec<u8>) {
     }
 }
 
+/// Per-thread zstd contexts. Creating a context allocates and clears hundreds of KiB, so
+/// doing it per batch is measurable; batches are encoded and decoded on a few worker
+/// threads, so one context of each kind per thread is reused for all of them.
+struct Codecs {
+    compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    /// Compressed output before it is copied into an exactly sized frame.
+    compressed: Vec<u8>,
+}
+
+thread_local! {
+    static CODECS: std::cell::RefCell<Codecs> = const {
+        std::cell::RefCell::new(Codecs {
+            compressor: None,
+            decompressor: None,
+            compressed: Vec::new(),
+        })
+    };
+}
+
+fn compress_into(raw: &[u8], level: i32, out: &mut Vec<u8>) -> std::io::Result<()> {
+    CODECS.with(|c| {
+        let mut c = c.borrow_mut();
+        let Codecs {
+            compressor,
+            compressed,
+            ..
+        } = &mut *c;
+        let comp = match compressor {
+            Some((l, comp)) if *l == level => comp,
+            _ => {
+                &mut compressor
+                    .insert((level, zstd::bulk::Compressor::new(level)?))
+                    .1
+            }
+        };
+        compressed.clear();
+        compressed.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        // writes into the spare capacity: no zero-fill of the bound
+        let n = comp.compress_to_buffer(raw, compressed)?;
+        // the frame is held until acknowledged: keep it exactly sized, not at the bound
+        out.reserve_exact(n);
+        out.extend_from_slice(&compressed[..n]);
+        Ok(())
+    })
+}
+
+fn decompress(frame: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+    CODECS.with(|c| {
+        let mut c = c.borrow_mut();
+        let d = match &mut c.decompressor {
+            Some(d) => d,
+            slot => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        d.decompress(frame, raw_len)
+    })
+}
+
 /// Encode a complete batch frame into `out` (cleared first). `scratch` is reused between
 /// calls to hold the uncompressed payload.
 pub fn encode_batch(
@@ -107,12 +165,20 @@ pub fn encode_batch(
     out.extend_from_slice(BATCH_MAGIC);
     out.extend_from_slice(&(hbytes.len() as u32).to_be_bytes());
     out.extend_from_slice(&hbytes);
-    let bound = zstd::zstd_safe::compress_bound(scratch.len());
-    let start = out.len();
-    out.resize(start + bound, 0);
-    let n = zstd::bulk::compress_to_buffer(scratch, &mut out[start..], zstd_level)?;
-    out.truncate(start + n);
-    Ok(())
+    compress_into(scratch, zstd_level, out)
+}
+
+/// [`encode_batch`] with this thread's reusable payload buffer.
+pub fn encode_batch_reusing(
+    header: &BatchHeader,
+    chunks: &[StreamChunk],
+    zstd_level: i32,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|s| encode_batch(header, chunks, zstd_level, &mut s.borrow_mut(), out))
 }
 
 /// A decoded batch: header plus the decompressed payload, with chunk boundaries indexed.
@@ -218,8 +284,7 @@ pub fn decode_batch(frame: &[u8], max_raw: usize) -> Result<DecodedBatch, WireEr
             max: max_raw,
         });
     }
-    let payload =
-        zstd::bulk::decompress(rest, raw_len).map_err(|e| WireError::Decompress(e.to_string()))?;
+    let payload = decompress(rest, raw_len).map_err(|e| WireError::Decompress(e.to_string()))?;
     if payload.len() != raw_len {
         return Err(WireError::LengthMismatch {
             expected: raw_len,

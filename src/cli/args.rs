@@ -333,6 +333,19 @@ pub struct BenchArgs {
     /// Extra flags passed to every collector (e.g. "--zstd-level 3").
     #[arg(long, allow_hyphen_values = true)]
     pub collector_args: Option<String>,
+    /// Extra flags passed to every aggregator.
+    #[arg(long, allow_hyphen_values = true)]
+    pub aggregator_args: Option<String>,
+    /// Repeat the whole run this many times (fresh processes and directories) and report
+    /// the median.
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
+    /// Give up on a run whose collector has not finished after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Also print every run's figures as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]

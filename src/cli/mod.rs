@@ -3,6 +3,7 @@
 
 pub mod aggregator;
 pub mod args;
+pub mod bench;
 pub mod collector;
 pub mod demo;
 mod discovery_cfg;

@@ -808,7 +808,6 @@ impl Sender {
         let ring_version = self.ring.version();
         let collector = self.cfg.collector_id.clone();
         let level = self.cfg.zstd_level;
-        let mut scratch = std::mem::take(&mut self.scratch);
         self.metrics.batches_sent.inc();
         self.inflight.spawn(async move {
             let started = Instant::now();
@@ -823,7 +822,7 @@ impl Sender {
                         ring_version,
                     };
                     let mut out = Vec::new();
-                    wire::encode_batch(&header, &batch.chunks, level, &mut scratch, &mut out)
+                    wire::encode_batch_reusing(&header, &batch.chunks, level, &mut out)
                         .map(|_| Bytes::from(out))
                 }
             };
