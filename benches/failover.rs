@@ -1,9 +1,10 @@
 //! Failover and membership measurements (a tool, not a test; figures go to BENCHMARKS.md).
 //!
 //! ```text
-//! cargo bench --profile dev --bench failover -- [all|ring|live-ring|gossip|etcd|idle] [--runs N]
+//! cargo bench --profile dev --bench failover -- [all|ring|live-ring|gossip|etcd|idle] [--runs N] [--burn]
 //! ```
-//! (`LOGMESH_BIN=path` runs another build of the binary, e.g. target/release/logmesh.)
+//! (`--burn` adds one spinning thread per core for the whole run: full CPU load.
+//! `LOGMESH_BIN=path` runs another build of the binary, e.g. target/release/logmesh.)
 //!
 //! - `ring`: streams moved going from N to N+1 aggregators on [`logmesh::ring::Ring`] over
 //!   100 000 keys, against the ideal 1/(N+1).
@@ -17,6 +18,9 @@
 //!   bytes per node per second at idle (the gossip byte counters), and the time for the
 //!   other 9 to declare a silently stopped node down.
 
+// a measurement tool: panicking on a broken environment is the right failure
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../tests/meshutil/mod.rs"]
 mod meshutil;
 
@@ -26,7 +30,7 @@ use std::time::{Duration, Instant};
 use logmesh::discovery::gossip::{GossipConfig, Keyring};
 use logmesh::discovery::{BackendConfig, Member, MemberState, Membership, Role};
 use logmesh::ring::Ring;
-use meshutil::{ring_of, state_of, wait_ring, Etcd, Mesh, Node, Sinks, Writer};
+use meshutil::{ring_of, state_of, wait_ring, Etcd, Mesh, Node, Writer};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,10 +43,20 @@ fn main() {
     let what: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| {
-            ["all", "ring", "live-ring", "gossip", "etcd", "idle"].contains(a)
-        })
+        .filter(|a| ["all", "ring", "live-ring", "gossip", "etcd", "idle"].contains(a))
         .collect();
+    if args.iter().any(|a| a == "--burn") {
+        // full CPU load: one spinning thread per core for the whole run
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        for _ in 0..cores {
+            std::thread::spawn(|| {
+                let mut x: u64 = 1;
+                loop {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            });
+        }
+    }
     let want = |w: &str| what.is_empty() || what.contains(&"all") || what.contains(&w);
     if want("ring") {
         ring_moves();
@@ -69,7 +83,9 @@ fn ring_moves() {
     const KEYS: usize = 100_000;
     let keys: Vec<String> = (0..KEYS).map(|i| format!("svc-{i}")).collect();
     println!("\n## streams moved going from N to N+1 aggregators ({KEYS} keys)");
-    println!("| N → N+1 | moved | ideal 1/(N+1) | moved / ideal | moved keys not to the new node |");
+    println!(
+        "| N → N+1 | moved | ideal 1/(N+1) | moved / ideal | moved keys not to the new node |"
+    );
     println!("|---|---|---|---|---|");
     for n in 1..=9 {
         let a = Ring::new(ids(n));
@@ -101,7 +117,9 @@ fn ring_moves() {
 fn live_ring() {
     const STREAMS: u64 = 256;
     let mesh = Mesh::gossip();
-    let a: Vec<Node> = (1..=3).map(|i| mesh.aggregator(&format!("agg-{i}"))).collect();
+    let a: Vec<Node> = (1..=3)
+        .map(|i| mesh.aggregator(&format!("agg-{i}")))
+        .collect();
     for n in &a {
         n.wait_ready(Duration::from_secs(20));
     }
@@ -118,7 +136,7 @@ fn live_ring() {
     std::thread::sleep(Duration::from_secs(4));
     let n = w.finish();
     let _ = col.wait_exit(Duration::from_secs(40));
-    let sinks = Sinks::of(&[&a[0], &a[1], &a[2], &a4]);
+    let sinks = meshutil::wait_sinks(&[&a[0], &a[1], &a[2], &a4], n, Duration::from_secs(15));
     let got = sinks.streams.get("agg-4").cloned().unwrap_or_default();
     let ring3 = Ring::new(ids(3));
     let ring4 = Ring::new(ids(4));
@@ -388,7 +406,21 @@ fn idle_mesh(n: usize, idle: Duration) {
         };
         let before = snap(&nodes);
         let t1 = Instant::now();
-        tokio::time::sleep(idle).await;
+        // watch for false suspicion meanwhile (anyone seeing anyone not alive)
+        let mut suspicions = 0u64;
+        while t1.elapsed() < idle {
+            suspicions += nodes
+                .iter()
+                .map(|(m, _)| {
+                    m.view()
+                        .members
+                        .values()
+                        .filter(|x| x.state != MemberState::Alive)
+                        .count() as u64
+                })
+                .sum::<u64>();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let after = snap(&nodes);
         let secs = t1.elapsed().as_secs_f64();
         let per: Vec<(f64, f64, f64)> = before
@@ -441,6 +473,9 @@ fn idle_mesh(n: usize, idle: Duration) {
             avg(|p| p.2)
         );
         println!("| packets dropped (all nodes) | {dropped} |");
+        println!(
+            "| false suspicion at idle (samples of a member not alive, every 20 ms) | {suspicions} |"
+        );
         println!(
             "| silent stop of one node → the other {} list it down | {} |",
             n - 1,

@@ -77,10 +77,14 @@ fn kill_9_is_seen_within_ttl_and_its_streams_move() {
     a3.kill9();
     let mut seen = Vec::new();
     for n in [&col, &a1, &a2] {
-        wait_for(secs(TTL + 10), &format!("{} to see agg-3 down", n.id), || {
-            n.status()
-                .is_some_and(|s| state_of(&s, "agg-3") == Some(MemberState::Down))
-        });
+        wait_for(
+            secs(TTL + 10),
+            &format!("{} to see agg-3 down", n.id),
+            || {
+                n.status()
+                    .is_some_and(|s| state_of(&s, "agg-3") == Some(MemberState::Down))
+            },
+        );
         seen.push((n.id.clone(), t0.elapsed()));
     }
     eprintln!("agg-3 seen down after kill -9: {seen:?} (TTL {TTL} s)");
@@ -156,7 +160,9 @@ fn etcd_restart_while_records_flow_loses_nothing_and_recovers() {
             n.status().is_some_and(|s| {
                 !s.degraded
                     && ring_of(&s) == ["agg-1", "agg-2"].map(String::from).into()
-                    && s.members.iter().all(|m| m.member.state == MemberState::Alive)
+                    && s.members
+                        .iter()
+                        .all(|m| m.member.state == MemberState::Alive)
             })
         });
     }

@@ -209,10 +209,7 @@ fn sigterm_under_load_retries_no_batch_and_loses_nothing() {
     );
     let log = std::fs::read_to_string(&col.log).unwrap_or_default();
     let reroutes: Vec<&str> = log.lines().filter(|l| l.contains("re-routing")).collect();
-    assert!(
-        reroutes.is_empty(),
-        "batches were re-routed: {reroutes:#?}"
-    );
+    assert!(reroutes.is_empty(), "batches were re-routed: {reroutes:#?}");
     let sinks = wait_sinks(&[&a1, &a2, &a3], n, secs(15));
     let missing = sinks.missing(n);
     eprintln!(

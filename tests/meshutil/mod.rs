@@ -6,6 +6,8 @@
 //!
 //! Owns process plumbing only; the assertions live in the tests.
 #![allow(dead_code)]
+// test harness: panicking on a broken environment is the right failure
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
