@@ -230,10 +230,19 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
         )
     })?;
     let admin_addr = admin_listener.local_addr().unwrap_or(s.node.admin);
+    // A killed aggregator sends nothing more: with keep-alives every 200 ms an idle timeout
+    // of 800 ms closes its connection (failing its in-flight batches over to the next owner)
+    // in under a second, instead of waiting for membership (~2.5 s gossip, the TTL with etcd).
+    // The negotiated idle timeout is the smaller of both peers', so this side decides.
+    let tuning = QuicTuning {
+        keep_alive: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(800),
+        ..QuicTuning::default()
+    };
     let endpoint = transport::client_endpoint_for(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         &s.node.security,
-        &QuicTuning::default(),
+        &tuning,
     )
     .context("cannot create the QUIC client endpoint")?;
     let seq = SeqAllocator::open(&s.node.data_dir).with_context(|| {

@@ -240,7 +240,7 @@ impl Node {
     }
 
     fn on_packet(&mut self, len: usize) {
-        self.stats.count_received();
+        self.stats.count_received(len);
         let packet = &self.recv_buf[..len];
         let payload = match self.codec.open(packet, &mut self.open_buf) {
             Ok(p) => p,
@@ -472,7 +472,7 @@ impl Node {
                 let nonce = self.nonce();
                 self.codec.seal(&data, nonce, &mut self.send_buf);
                 match self.transport.send(&self.send_buf, to.addr).await {
-                    Ok(()) => self.stats.count_sent(),
+                    Ok(()) => self.stats.count_sent(self.send_buf.len()),
                     Err(e) => {
                         self.stats.count_send_error();
                         tracing::debug!(error = %e, to = %to.addr, "gossip send failed");

@@ -63,6 +63,8 @@ impl DropReason {
 pub struct GossipStats {
     received: AtomicU64,
     sent: AtomicU64,
+    bytes_received: AtomicU64,
+    bytes_sent: AtomicU64,
     send_errors: AtomicU64,
     dropped_decrypt: AtomicU64,
     dropped_cluster: AtomicU64,
@@ -90,6 +92,16 @@ impl GossipStats {
         self.sent.load(Ordering::Relaxed)
     }
 
+    /// Bytes of all datagrams received (UDP payload, accepted or not).
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_received.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of all datagrams handed to the socket (UDP payload, sealed).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
     /// Datagrams the socket refused to send.
     pub fn send_errors(&self) -> u64 {
         self.send_errors.load(Ordering::Relaxed)
@@ -99,12 +111,15 @@ impl GossipStats {
         self.counter(reason).fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn count_received(&self) {
+    pub(crate) fn count_received(&self, bytes: usize) {
         self.received.fetch_add(1, Ordering::Relaxed);
+        self.bytes_received
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    pub(crate) fn count_sent(&self) {
+    pub(crate) fn count_sent(&self, bytes: usize) {
         self.sent.fetch_add(1, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn count_send_error(&self) {
@@ -343,6 +358,11 @@ mod tests {
         assert_eq!(s.dropped(DropReason::Decrypt), 2);
         assert_eq!(s.dropped(DropReason::Cluster), 0);
         assert_eq!(s.dropped_packets(), 3);
+        s.count_sent(100);
+        s.count_sent(20);
+        s.count_received(7);
+        assert_eq!((s.packets_sent(), s.bytes_sent()), (2, 120));
+        assert_eq!((s.packets_received(), s.bytes_received()), (1, 7));
     }
 
     proptest! {
