@@ -45,6 +45,8 @@ pub struct Metrics {
     pub gossip_dropped: Family<ReasonLabel, Counter>,
     pub batch_latency: Histogram,
     pub backpressure: Gauge,
+    /// Sum of `errors` over all kinds (not exported; for the stats summary).
+    pub errors_total: Counter,
 }
 
 impl Default for Metrics {
@@ -75,6 +77,7 @@ impl Metrics {
             gossip_dropped: Family::default(),
             batch_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backpressure: Gauge::default(),
+            errors_total: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -177,6 +180,21 @@ impl Metrics {
                 kind: kind.to_string(),
             })
             .inc();
+        self.errors_total.inc();
+    }
+
+    /// Bring the gossip drop counters up to `g`'s totals (called at scrape time).
+    pub fn set_gossip_dropped(&self, g: &discovery::gossip::GossipStats) {
+        for reason in discovery::gossip::DropReason::ALL {
+            let c = self.gossip_dropped.get_or_create(&ReasonLabel {
+                reason: reason.as_str().to_string(),
+            });
+            let total = g.dropped(reason);
+            let cur = c.get();
+            if total > cur {
+                c.inc_by(total - cur);
+            }
+        }
     }
 
     /// Replace the member gauges with counts from `view`.

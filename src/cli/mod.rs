@@ -3,10 +3,12 @@
 
 pub mod aggregator;
 pub mod args;
+pub mod check;
 pub mod collector;
 pub mod demo;
 mod discovery_cfg;
 pub mod node;
+pub mod ring;
 pub mod status;
 
 pub use args::*;

@@ -707,6 +707,7 @@ mod tests {
             state: MemberState::Alive,
             incarnation: 1,
             ready: true,
+            stats: None,
         }
     }
 
