@@ -238,21 +238,32 @@ fn si(n: u64) -> String {
     }
 }
 
+/// Bytes in at most 6 characters: 512B, 1.5K, 340M, 12.0G, 5.0T.
 fn bytes(n: u64) -> String {
-    match n {
-        0..=1023 => format!("{n}B"),
-        1024..=1_048_575 => format!("{:.1}K", n as f64 / 1024.0),
-        1_048_576..=1_073_741_823 => format!("{:.1}M", n as f64 / 1_048_576.0),
-        _ => format!("{:.1}G", n as f64 / 1_073_741_824.0),
+    if n < 1024 {
+        return format!("{n}B");
     }
+    let mut v = n as f64;
+    for unit in ["K", "M", "G", "T", "P"] {
+        v /= 1024.0;
+        if v < 1024.0 || unit == "P" {
+            return if v < 100.0 {
+                format!("{v:.1}{unit}")
+            } else {
+                format!("{v:.0}{unit}")
+            };
+        }
+    }
+    format!("{n}B")
 }
 
+/// A duration in at most 5 characters: 40s, 12m, 5h, 3d.
 fn dur(s: u64) -> String {
     match s {
         0..=59 => format!("{s}s"),
         60..=3599 => format!("{}m", s / 60),
-        3600..=86_399 => format!("{}h{}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+        3600..=86_399 => format!("{}h", s / 3600),
+        _ => format!("{}d", (s / 86_400).min(99_999)),
     }
 }
 
