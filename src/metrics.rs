@@ -210,6 +210,12 @@ impl Metrics {
         }
     }
 
+    /// The classic Prometheus text format (0.0.4), for scrapers and tools (promtool) that do
+    /// not ask for OpenMetrics: counters' HELP/TYPE carry the `_total` name, no `# EOF`.
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
+    }
+
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -220,9 +226,55 @@ impl Metrics {
     }
 }
 
+/// Convert an OpenMetrics exposition (as prometheus-client writes it) to text format 0.0.4.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(p);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            // drop exemplars, which 0.0.4 does not have
+            None => out.push_str(line.split(" # {").next().unwrap_or(line)),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_format_names_counters_with_total() {
+        let m = Metrics::new();
+        m.records_in.inc_by(3);
+        let t = m.encode_text();
+        assert!(t.contains("# TYPE logmesh_records_in_total counter\n"), "{t}");
+        assert!(t.contains("# HELP logmesh_records_in_total Records"), "{t}");
+        assert!(t.contains("logmesh_records_in_total 3\n"), "{t}");
+        assert!(t.contains("# TYPE logmesh_buffer_bytes gauge\n"), "{t}");
+        assert!(!t.contains("# EOF"));
+    }
 
     #[test]
     fn exposition_has_documented_names() {

@@ -189,14 +189,26 @@ async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     if let Some(g) = s.membership.gossip_stats() {
         s.metrics.set_gossip_dropped(&g);
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
-        .into_response()
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            s.metrics.encode(),
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            s.metrics.encode_text(),
+        )
+            .into_response()
+    }
 }
 
 async fn status(State(s): State<AdminState>, headers: HeaderMap) -> Response {
