@@ -269,7 +269,10 @@ mod tests {
         let m = Metrics::new();
         m.records_in.inc_by(3);
         let t = m.encode_text();
-        assert!(t.contains("# TYPE logmesh_records_in_total counter\n"), "{t}");
+        assert!(
+            t.contains("# TYPE logmesh_records_in_total counter\n"),
+            "{t}"
+        );
         assert!(t.contains("# HELP logmesh_records_in_total Records"), "{t}");
         assert!(t.contains("logmesh_records_in_total 3\n"), "{t}");
         assert!(t.contains("# TYPE logmesh_buffer_bytes gauge\n"), "{t}");

@@ -3,6 +3,8 @@
 //! `/metrics` through promtool, `check-config`, SIGHUP reloads, the admin token, and
 //! config.example.toml.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod opsutil;
 
 use std::path::Path;
@@ -79,7 +81,12 @@ fn status_of_a_gossip_mesh_follows_a_kill_and_forget() {
             .all(|(id, role)| member_state(&doc, id) == Some((role.to_string(), "alive".into())));
         (code == Some(0) && all && doc["healthy"] == true).then_some(doc)
     })
-    .unwrap_or_else(|| panic!("mesh never listed complete: {}", status_json(&["--admin", &admin]).2));
+    .unwrap_or_else(|| {
+        panic!(
+            "mesh never listed complete: {}",
+            status_json(&["--admin", &admin]).2
+        )
+    });
     assert_eq!(doc["backend"], "gossip");
     assert_eq!(doc["cluster"], "opstest");
     assert_eq!(doc["schema"], 1);
@@ -89,11 +96,15 @@ fn status_of_a_gossip_mesh_follows_a_kill_and_forget() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let t = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(t.starts_with("healthy"), "{t}");
-    assert!(t.contains("cluster opstest") && t.contains("backend gossip"), "{t}");
+    assert!(
+        t.contains("cluster opstest") && t.contains("backend gossip"),
+        "{t}"
+    );
     for (id, role) in want {
         let short = &role[..3];
         assert!(
-            t.lines().any(|l| l.starts_with(id) && l.contains(short) && l.contains("alive")),
+            t.lines()
+                .any(|l| l.starts_with(id) && l.contains(short) && l.contains("alive")),
             "{id} missing in\n{t}"
         );
     }
@@ -140,7 +151,12 @@ fn status_of_a_gossip_mesh_follows_a_kill_and_forget() {
         (code == Some(1) && member_state(&doc, "agg-2").is_some_and(|s| s.1 == "down"))
             .then_some(doc)
     })
-    .unwrap_or_else(|| panic!("agg-2 never shown down: {}", status_json(&["--admin", &admin]).2));
+    .unwrap_or_else(|| {
+        panic!(
+            "agg-2 never shown down: {}",
+            status_json(&["--admin", &admin]).2
+        )
+    });
     assert_eq!(doc["healthy"], false);
     assert_eq!(doc["members"][0]["id"], "agg-2", "problems first");
     let o = logmesh(&["status", "--admin", &admin]);
@@ -153,10 +169,21 @@ fn status_of_a_gossip_mesh_follows_a_kill_and_forget() {
     assert_eq!(member_state(&doc, "agg-2").unwrap().1, "down");
 
     // the ring command agrees
-    let o = logmesh(&["ring", "--admin", &admin, "--key", "svc1", "--replication", "2"]);
+    let o = logmesh(&[
+        "ring",
+        "--admin",
+        &admin,
+        "--key",
+        "svc1",
+        "--replication",
+        "2",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let r = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(r.contains("agg-1") && r.contains("100.0%") && !r.contains("agg-2"), "{r}");
+    assert!(
+        r.contains("agg-1") && r.contains("100.0%") && !r.contains("agg-2"),
+        "{r}"
+    );
 
     // forget: gone from that node's view; alive members cannot be forgotten
     let o = logmesh(&["forget", "agg-1", "--admin", &admin]);
@@ -192,7 +219,11 @@ fn metrics_pass_promtool_and_move_with_traffic() {
             && counter(&a1.admin, "logmesh_records_in_total") > 0)
             .then_some(())
     });
-    assert!(moved.is_some(), "counters did not move:\n{}", http_get(&c1.admin, "/metrics", None).unwrap().1);
+    assert!(
+        moved.is_some(),
+        "counters did not move:\n{}",
+        http_get(&c1.admin, "/metrics", None).unwrap().1
+    );
     for node in [&a1, &c1] {
         let (code, body) = http_get(&node.admin, "/metrics", None).unwrap();
         assert_eq!(code, 200);
@@ -206,7 +237,10 @@ fn metrics_pass_promtool_and_move_with_traffic() {
         ] {
             assert!(body.contains(name), "{} lacks {name}:\n{body}", node.name);
         }
-        assert!(body.contains(r#"logmesh_members{role="aggregator",state="alive"} 1"#), "{body}");
+        assert!(
+            body.contains(r#"logmesh_members{role="aggregator",state="alive"} 1"#),
+            "{body}"
+        );
         let mut p = Command::new("promtool")
             .args(["check", "metrics"])
             .stdin(std::process::Stdio::piped())
@@ -217,7 +251,12 @@ fn metrics_pass_promtool_and_move_with_traffic() {
         use std::io::Write;
         p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
         let o = p.wait_with_output().unwrap();
-        assert!(o.status.success(), "promtool rejected {}'s metrics: {}", node.name, text(&o));
+        assert!(
+            o.status.success(),
+            "promtool rejected {}'s metrics: {}",
+            node.name,
+            text(&o)
+        );
     }
 }
 
@@ -258,7 +297,10 @@ fn status_of_an_etcd_mesh_even_with_no_node_left() {
     assert_eq!(doc["backend"], "etcd");
     let o = logmesh(&["status", "--etcd", &etcd.url, "--etcd-prefix", "/opstest"]);
     let t = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(t.contains("agg-1") && t.contains("col-1") && t.contains("backend etcd"), "{t}");
+    assert!(
+        t.contains("agg-1") && t.contains("col-1") && t.contains("backend etcd"),
+        "{t}"
+    );
 
     // kill -9 an aggregator: the collector's view shows it down once its lease expires
     a2.kill9();
@@ -268,7 +310,11 @@ fn status_of_an_etcd_mesh_even_with_no_node_left() {
         (code == Some(1) && member_state(&doc, "agg-2").is_some_and(|s| s.1 == "down"))
             .then_some(doc)
     });
-    assert!(doc.is_some(), "agg-2 never down: {}", status_json(&["--admin", &admin]).2);
+    assert!(
+        doc.is_some(),
+        "agg-2 never down: {}",
+        status_json(&["--admin", &admin]).2
+    );
 
     // no node reachable at all: etcd still answers (the collector's lease outlives it)
     a1.kill9();
@@ -293,7 +339,11 @@ fn check_config_names_the_key_and_sighup_reloads_safely() {
     .unwrap();
     let o = logmesh(&["check-config", broken.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("stream-key:"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("stream-key:"),
+        "{}",
+        text(&o)
+    );
 
     let admin = format!("127.0.0.1:{}", free_tcp());
     let cfg = d.join("agg.toml");
@@ -307,15 +357,26 @@ fn check_config_names_the_key_and_sighup_reloads_safely() {
     let o = logmesh(&["check-config", cfg.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 
-    let args: Vec<String> = vec!["aggregator".into(), "--config".into(), cfg.display().to_string()];
+    let args: Vec<String> = vec![
+        "aggregator".into(),
+        "--config".into(),
+        cfg.display().to_string(),
+    ];
     let mut p = Proc::spawn(d, "agg-1", &args, admin.clone(), false);
     p.wait_healthy();
-    assert!(!p.log_text().contains("aggregator ready"), "info logged at level warn");
+    assert!(
+        !p.log_text().contains("aggregator ready"),
+        "info logged at level warn"
+    );
 
     // broken file: logged, still serving on the old configuration
     std::fs::write(&cfg, "role = \"aggregator\"\nlisten = 5\nbogus-key = 1\n").unwrap();
     p.signal(Signal::SIGHUP);
-    let logged = wait_for(10, || p.log_text().contains("still running on the old one").then_some(()));
+    let logged = wait_for(10, || {
+        p.log_text()
+            .contains("still running on the old one")
+            .then_some(())
+    });
     assert!(logged.is_some(), "{}", p.log_text());
     assert!(p.log_text().contains("bogus-key"), "{}", p.log_text());
     assert!(p.alive());
@@ -325,7 +386,11 @@ fn check_config_names_the_key_and_sighup_reloads_safely() {
     // good file with log-level info: the reload message (info) shows, so it was applied
     std::fs::write(&cfg, good("info")).unwrap();
     p.signal(Signal::SIGHUP);
-    let applied = wait_for(10, || p.log_text().contains("configuration reloaded").then_some(()));
+    let applied = wait_for(10, || {
+        p.log_text()
+            .contains("configuration reloaded")
+            .then_some(())
+    });
     assert!(applied.is_some(), "{}", p.log_text());
     assert_eq!(http_get(&admin, "/healthz", None).unwrap().0, 200);
 }
@@ -340,7 +405,11 @@ fn admin_off_loopback_needs_a_token() {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = logmesh(&refs);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("admin-token-file"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("admin-token-file"),
+        "{}",
+        text(&o)
+    );
 
     let token = d.join("token");
     std::fs::write(&token, "s3cret-token\n").unwrap();
@@ -350,7 +419,12 @@ fn admin_off_loopback_needs_a_token() {
     p.wait_healthy();
     assert_eq!(http_get(&admin, "/status", None).unwrap().0, 401);
     assert_eq!(http_get(&admin, "/metrics", Some("wrong")).unwrap().0, 401);
-    assert_eq!(http_get(&admin, "/metrics", Some("s3cret-token")).unwrap().0, 200);
+    assert_eq!(
+        http_get(&admin, "/metrics", Some("s3cret-token"))
+            .unwrap()
+            .0,
+        200
+    );
     let o = logmesh(&["status", "--admin", &admin]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--admin-token-file"));
@@ -403,10 +477,16 @@ fn config_example_parses() {
     layer(&AggregatorArgs::default(), Some(agg.clone()), &["role"]).unwrap();
     layer(&CollectorArgs::default(), Some(col.clone()), &["role"]).unwrap();
     for k in known_keys::<AggregatorArgs>() {
-        assert!(k == "config" || agg.contains_key(&k), "aggregator key {k} not in the example");
+        assert!(
+            k == "config" || agg.contains_key(&k),
+            "aggregator key {k} not in the example"
+        );
     }
     for k in known_keys::<CollectorArgs>() {
-        assert!(k == "config" || col.contains_key(&k), "collector key {k} not in the example");
+        assert!(
+            k == "config" || col.contains_key(&k),
+            "collector key {k} not in the example"
+        );
     }
     // and the file as shipped (common keys only) is a valid config of both roles
     layer(&AggregatorArgs::default(), Some(table(&text)), &["role"]).unwrap();

@@ -196,6 +196,8 @@ pub struct View {
 }
 
 /// One difference between two views.
+// Made only when views are diffed (rare, never per record): the variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Added(Member),

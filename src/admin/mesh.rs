@@ -87,7 +87,12 @@ fn live(s: MemberState) -> bool {
     )
 }
 
-fn member_row(m: &Member, shares: &BTreeMap<String, f64>, ring_version: u64, now_ms: u64) -> MeshMember {
+fn member_row(
+    m: &Member,
+    shares: &BTreeMap<String, f64>,
+    ring_version: u64,
+    now_ms: u64,
+) -> MeshMember {
     let st = m.stats;
     let uptime_secs = if !live(m.state) {
         None
@@ -108,10 +113,7 @@ fn member_row(m: &Member, shares: &BTreeMap<String, f64>, ring_version: u64, now
                 Some("not ready".to_string())
             } else {
                 match st {
-                    Some(s)
-                        if m.role == Role::Collector
-                            && s.ring_version != ring_version =>
-                    {
+                    Some(s) if m.role == Role::Collector && s.ring_version != ring_version => {
                         Some(format!(
                             "ring version {:016x} differs from {:016x}",
                             s.ring_version, ring_version
@@ -149,7 +151,10 @@ fn member_row(m: &Member, shares: &BTreeMap<String, f64>, ring_version: u64, now
 impl MeshStatus {
     /// Build the document from `view` at `now_ms`. Observers are left out.
     pub fn build(view: &View, source: &str, observed_by: Option<&str>, now_ms: u64) -> MeshStatus {
-        let ring = Ring::new(view.routable_aggregators().map(|m| (m.id.clone(), m.weight)));
+        let ring = Ring::new(
+            view.routable_aggregators()
+                .map(|m| (m.id.clone(), m.weight)),
+        );
         let shares = ring.shares();
         let mut members: Vec<MeshMember> = view
             .members
@@ -157,9 +162,7 @@ impl MeshStatus {
             .filter(|m| m.role != Role::Observer)
             .map(|m| member_row(m, &shares, ring.version(), now_ms))
             .collect();
-        members.sort_by(|a, b| {
-            (rank(a), a.role, &a.id).cmp(&(rank(b), b.role, &b.id))
-        });
+        members.sort_by(|a, b| (rank(a), a.role, &a.id).cmp(&(rank(b), b.role, &b.id)));
         let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         for m in &members {
             *counts

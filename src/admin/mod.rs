@@ -136,21 +136,19 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `Err(401 response)` unless the request carries the configured token (if any).
-fn authorize(headers: &HeaderMap) -> Result<(), Response> {
+/// A 401 response unless the request carries the configured token (if any).
+fn unauthorized(headers: &HeaderMap) -> Option<Response> {
     let guard = TOKEN.read().unwrap_or_else(|e| e.into_inner());
-    let Some(token) = guard.as_deref() else {
-        return Ok(());
-    };
+    let token = guard.as_deref()?;
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if same(given.trim().as_bytes(), token.as_bytes()) {
-        Ok(())
+        None
     } else {
-        Err((
+        Some((
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
             "missing or wrong bearer token (see --admin-token-file)\n",
@@ -175,15 +173,20 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&headers) {
+    if let Some(r) = unauthorized(&headers) {
         return r;
     }
     let view = s.membership.view();
     s.metrics.set_members(&view);
     if s.role == Role::Aggregator {
         // collectors keep these current as they route; aggregators set them at scrape time
-        let ring = Ring::new(view.routable_aggregators().map(|m| (m.id.clone(), m.weight)));
-        s.metrics.ring_version.set((ring.version() & 0xffff_ffff) as i64);
+        let ring = Ring::new(
+            view.routable_aggregators()
+                .map(|m| (m.id.clone(), m.weight)),
+        );
+        s.metrics
+            .ring_version
+            .set((ring.version() & 0xffff_ffff) as i64);
         s.metrics.ring_members.set(ring.len() as i64);
     }
     if let Some(g) = s.membership.gossip_stats() {
@@ -204,7 +207,10 @@ async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
             .into_response()
     } else {
         (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             s.metrics.encode_text(),
         )
             .into_response()
@@ -212,14 +218,18 @@ async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
 }
 
 async fn status(State(s): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&headers) {
+    if let Some(r) = unauthorized(&headers) {
         return r;
     }
     axum::Json(s.status()).into_response()
 }
 
-async fn forget(State(s): State<AdminState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&headers) {
+async fn forget(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = unauthorized(&headers) {
         return r;
     }
     match s.membership.forget(&id).await {

@@ -145,6 +145,9 @@ mod tests {
         m.batches_retried.inc_by(3);
         m.error("connect");
         let s = summary(&m, Totals::default(), Instant::now(), 99);
-        assert_eq!((s.at_ms, s.buffered_bytes, s.retries, s.errors), (99, 1234, 3, 1));
+        assert_eq!(
+            (s.at_ms, s.buffered_bytes, s.retries, s.errors),
+            (99, 1234, 3, 1)
+        );
     }
 }

@@ -91,7 +91,10 @@ mod tests {
         assert!(e.0.iter().any(|e| e.key == "stream-key"), "{e}");
         let p = write(&d, "insecure = true\n");
         assert_eq!(check(&p, None).unwrap_err().0[0].key, "role");
-        let p = write(&d, "role = \"aggregator\"\ninsecure = true\nlisten = \"nowhere\"\n");
+        let p = write(
+            &d,
+            "role = \"aggregator\"\ninsecure = true\nlisten = \"nowhere\"\n",
+        );
         let e = check(&p, None).unwrap_err();
         assert!(e.0.iter().any(|e| e.key == "listen"), "{e}");
     }

@@ -138,10 +138,12 @@ pub fn settings(
         }
     };
     let admin_token = match &a.admin_token_file {
-        Some(p) => crate::admin::read_token_file(p).map(Some).unwrap_or_else(|e| {
-            errs.push("admin-token-file", e);
-            None
-        }),
+        Some(p) => crate::admin::read_token_file(p)
+            .map(Some)
+            .unwrap_or_else(|e| {
+                errs.push("admin-token-file", e);
+                None
+            }),
         None => {
             if !admin.ip().is_loopback() {
                 errs.push(
@@ -294,8 +296,11 @@ where
         while hup.recv().await.is_some() {
             match load() {
                 Err(errs) => {
-                    let detail: Vec<String> =
-                        errs.0.iter().map(|e| format!("{}: {}", e.key, e.message)).collect();
+                    let detail: Vec<String> = errs
+                        .0
+                        .iter()
+                        .map(|e| format!("{}: {}", e.key, e.message))
+                        .collect();
                     tracing::error!(
                         errors = %detail.join("; "),
                         "SIGHUP: the new configuration is invalid; still running on the old one"

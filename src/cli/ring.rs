@@ -33,7 +33,10 @@ pub struct RingReport {
 
 /// The report for `view` (pure).
 pub fn report(view: &View, keys: &[String], replication: usize) -> RingReport {
-    let ring = Ring::new(view.routable_aggregators().map(|m| (m.id.clone(), m.weight)));
+    let ring = Ring::new(
+        view.routable_aggregators()
+            .map(|m| (m.id.clone(), m.weight)),
+    );
     let shares = ring.shares();
     let aggregators = view
         .routable_aggregators()
@@ -63,8 +66,17 @@ pub fn report(view: &View, keys: &[String], replication: usize) -> RingReport {
 pub fn render(r: &RingReport) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "ring {} — {} aggregators", r.ring_version, r.aggregators.len());
-    let _ = writeln!(out, "{:<24} {:>6} {:>7} {:>7}", "AGGREGATOR", "WEIGHT", "SHARE", "STREAMS");
+    let _ = writeln!(
+        out,
+        "ring {} — {} aggregators",
+        r.ring_version,
+        r.aggregators.len()
+    );
+    let _ = writeln!(
+        out,
+        "{:<24} {:>6} {:>7} {:>7}",
+        "AGGREGATOR", "WEIGHT", "SHARE", "STREAMS"
+    );
     for a in &r.aggregators {
         let _ = writeln!(
             out,
@@ -72,7 +84,9 @@ pub fn render(r: &RingReport) -> String {
             a.id,
             a.weight,
             a.share_percent,
-            a.streams.map(|s| s.to_string()).unwrap_or_else(|| "-".into())
+            a.streams
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "-".into())
         );
     }
     for k in &r.keys {

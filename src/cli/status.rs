@@ -47,17 +47,18 @@ fn fetch_with(admin: &str, token: Option<&str>) -> anyhow::Result<NodeStatus> {
     if let Some(t) = token {
         req = req.set("Authorization", &format!("Bearer {t}"));
     }
-    let resp = match req.call() {
-        Ok(r) => r,
-        Err(ureq::Error::Status(401, _)) => anyhow::bail!(
-            "{url} needs a bearer token: give --admin-token-file (the node's token file)"
-        ),
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!("cannot reach {url}; is the node running, and is --admin its admin address?")
-            })
-        }
-    };
+    let resp =
+        match req.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(401, _)) => anyhow::bail!(
+                "{url} needs a bearer token: give --admin-token-file (the node's token file)"
+            ),
+            Err(e) => return Err(e).with_context(|| {
+                format!(
+                    "cannot reach {url}; is the node running, and is --admin its admin address?"
+                )
+            }),
+        };
     resp.into_json::<NodeStatus>()
         .with_context(|| format!("{url} did not return a logmesh status document"))
 }
@@ -91,10 +92,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Read the mesh from the source `src` names (default: the local aggregator's admin).
 pub fn load(src: &SourceArgs) -> anyhow::Result<Loaded> {
-    let chosen = [src.admin.is_some(), !src.etcd.is_empty(), !src.join.is_empty()]
-        .iter()
-        .filter(|b| **b)
-        .count();
+    let chosen = [
+        src.admin.is_some(),
+        !src.etcd.is_empty(),
+        !src.join.is_empty(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
     if chosen > 1 {
         anyhow::bail!("give one source: --admin URL, --etcd URL or --join ADDR");
     }
@@ -322,7 +327,10 @@ pub fn render_mesh(s: &MeshStatus, width: usize, color: bool) -> String {
         head.push(format!("cluster {c}"));
     }
     head.push(format!("backend {}", s.backend));
-    head.push(format!("ring {}", &s.ring_version[..8.min(s.ring_version.len())]));
+    head.push(format!(
+        "ring {}",
+        &s.ring_version[..8.min(s.ring_version.len())]
+    ));
     for (role, states) in &s.counts {
         let total: u64 = states.values().sum();
         let parts: Vec<String> = states.iter().map(|(st, n)| format!("{n} {st}")).collect();
@@ -509,7 +517,11 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            let a = m(&format!("aggregator-with-a-long-name-{i}"), Role::Aggregator, st);
+            let a = m(
+                &format!("aggregator-with-a-long-name-{i}"),
+                Role::Aggregator,
+                st,
+            );
             v.members.insert(a.id.clone(), a);
         }
         let c = m("c1", Role::Collector, MemberState::Suspect);

@@ -350,12 +350,17 @@ mod tests {
     fn worst_case_stats_fit_a_record() {
         let mut m = member(&"x".repeat(64), u64::MAX);
         m.stats = Some(crate::MemberStats::worst_case());
-        m.data_addr = "[1111:2222:3333:4444:5555:6666:7777:8888]:65535".parse().unwrap();
+        m.data_addr = "[1111:2222:3333:4444:5555:6666:7777:8888]:65535"
+            .parse()
+            .unwrap();
         m.admin_addr = m.data_addr;
         m.zone = "europe-west1-b".into();
         m.version = "10.20.30-rc.1".into();
         m.weight = u32::MAX;
-        let r = Record { seq: u64::MAX, member: m };
+        let r = Record {
+            seq: u64::MAX,
+            member: m,
+        };
         let len = r.encode().unwrap().len();
         assert!(len <= MAX_RECORD_LEN, "{len}");
     }
