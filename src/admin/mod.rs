@@ -148,12 +148,14 @@ fn unauthorized(headers: &HeaderMap) -> Option<Response> {
     if same(given.trim().as_bytes(), token.as_bytes()) {
         None
     } else {
-        Some((
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "missing or wrong bearer token (see --admin-token-file)\n",
+        Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "missing or wrong bearer token (see --admin-token-file)\n",
+            )
+                .into_response(),
         )
-            .into_response())
     }
 }
 

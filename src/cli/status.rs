@@ -47,18 +47,19 @@ fn fetch_with(admin: &str, token: Option<&str>) -> anyhow::Result<NodeStatus> {
     if let Some(t) = token {
         req = req.set("Authorization", &format!("Bearer {t}"));
     }
-    let resp =
-        match req.call() {
-            Ok(r) => r,
-            Err(ureq::Error::Status(401, _)) => anyhow::bail!(
-                "{url} needs a bearer token: give --admin-token-file (the node's token file)"
-            ),
-            Err(e) => return Err(e).with_context(|| {
+    let resp = match req.call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(401, _)) => anyhow::bail!(
+            "{url} needs a bearer token: give --admin-token-file (the node's token file)"
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| {
                 format!(
                     "cannot reach {url}; is the node running, and is --admin its admin address?"
                 )
-            }),
-        };
+            })
+        }
+    };
     resp.into_json::<NodeStatus>()
         .with_context(|| format!("{url} did not return a logmesh status document"))
 }
