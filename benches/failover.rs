@@ -368,6 +368,7 @@ fn idle_mesh(n: usize, idle: Duration) {
                 state: MemberState::Alive,
                 incarnation: 0,
                 ready: true,
+                stats: None,
             };
             let cancel = tokio_util::sync::CancellationToken::new();
             let m = Membership::start(BackendConfig::Gossip(cfg), member, cancel.clone())

@@ -29,14 +29,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let s = cli::aggregator::settings(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
             cli::node::init_logging(&s.node.log_format, &s.node.log_level);
             warn_insecure(&s.node.security);
-            runtime()?.block_on(cli::aggregator::run(s))?;
+            node_globals(&s.node);
+            runtime()?.block_on(async move {
+                cli::node::spawn_reload(move || cli::aggregator::settings(&args).map(|s| s.node));
+                cli::aggregator::run(s).await
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Collector(args) => {
             let s = cli::collector::settings(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
             cli::node::init_logging(&s.node.log_format, &s.node.log_level);
             warn_insecure(&s.node.security);
-            let out = runtime()?.block_on(cli::collector::run(s))?;
+            node_globals(&s.node);
+            let out = runtime()?.block_on(async move {
+                cli::node::spawn_reload(move || cli::collector::settings(&args).map(|s| s.node));
+                cli::collector::run(s).await
+            })?;
             if out.dropped_records > 0 {
                 eprintln!(
                     "logmesh: {} records were dropped because the spool was full (--overflow drop-oldest)",
@@ -80,13 +88,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", logmesh::discovery::gossip::generate_key());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status(a) => {
-            if cli::status::run(&a.admin, a.json)? {
-                Ok(ExitCode::SUCCESS)
-            } else {
-                Ok(ExitCode::from(1))
-            }
-        }
+        Command::Status(a) => Ok(verdict(cli::status::run(&a)?)),
+        Command::Ring(a) => Ok(verdict(cli::ring::run(&a)?)),
+        Command::Forget(a) => Ok(verdict(cli::status::forget(
+            &a.admin,
+            a.admin_token_file.as_deref(),
+            &a.id,
+        )?)),
+        Command::CheckConfig(a) => Ok(verdict(cli::check::run(&a.file, a.role.as_deref()))),
         Command::Demo(a) => {
             cli::demo::run(&a)?;
             Ok(ExitCode::SUCCESS)
@@ -95,6 +104,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli::bench::run(&a)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn verdict(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Process-wide settings of the admin listener (token, cluster name shown in /status).
+fn node_globals(s: &cli::node::NodeSettings) {
+    logmesh::admin::set_token(s.admin_token.clone());
+    if let logmesh::discovery::BackendConfig::Gossip(g) = &s.backend {
+        logmesh::admin::set_cluster(&g.cluster);
     }
 }
 

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub gossip_dropped: Family<ReasonLabel, Counter>,
     pub batch_latency: Histogram,
     pub backpressure: Gauge,
+    /// Sum of `errors` over all kinds (not exported; for the stats summary).
+    pub errors_total: Counter,
 }
 
 impl Default for Metrics {
@@ -75,6 +77,7 @@ impl Metrics {
             gossip_dropped: Family::default(),
             batch_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backpressure: Gauge::default(),
+            errors_total: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -177,6 +180,21 @@ impl Metrics {
                 kind: kind.to_string(),
             })
             .inc();
+        self.errors_total.inc();
+    }
+
+    /// Bring the gossip drop counters up to `g`'s totals (called at scrape time).
+    pub fn set_gossip_dropped(&self, g: &discovery::gossip::GossipStats) {
+        for reason in discovery::gossip::DropReason::ALL {
+            let c = self.gossip_dropped.get_or_create(&ReasonLabel {
+                reason: reason.as_str().to_string(),
+            });
+            let total = g.dropped(reason);
+            let cur = c.get();
+            if total > cur {
+                c.inc_by(total - cur);
+            }
+        }
     }
 
     /// Replace the member gauges with counts from `view`.
@@ -192,6 +210,12 @@ impl Metrics {
         }
     }
 
+    /// The classic Prometheus text format (0.0.4), for scrapers and tools (promtool) that do
+    /// not ask for OpenMetrics: counters' HELP/TYPE carry the `_total` name, no `# EOF`.
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
+    }
+
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -202,9 +226,58 @@ impl Metrics {
     }
 }
 
+/// Convert an OpenMetrics exposition (as prometheus-client writes it) to text format 0.0.4.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(p);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            // drop exemplars, which 0.0.4 does not have
+            None => out.push_str(line.split(" # {").next().unwrap_or(line)),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_format_names_counters_with_total() {
+        let m = Metrics::new();
+        m.records_in.inc_by(3);
+        let t = m.encode_text();
+        assert!(
+            t.contains("# TYPE logmesh_records_in_total counter\n"),
+            "{t}"
+        );
+        assert!(t.contains("# HELP logmesh_records_in_total Records"), "{t}");
+        assert!(t.contains("logmesh_records_in_total 3\n"), "{t}");
+        assert!(t.contains("# TYPE logmesh_buffer_bytes gauge\n"), "{t}");
+        assert!(!t.contains("# EOF"));
+    }
 
     #[test]
     fn exposition_has_documented_names() {

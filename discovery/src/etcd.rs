@@ -57,7 +57,13 @@ pub struct EtcdConfig {
     pub user: Option<String>,
     pub password: Option<String>,
     pub tls: Option<EtcdTls>,
+    /// How long members that are Down or Left stay listed before they are forgotten.
+    /// Default 24 h.
+    pub gone_retention: Duration,
 }
+
+/// Default of [`EtcdConfig::gone_retention`].
+pub const DEFAULT_GONE_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 impl EtcdConfig {
     /// Defaults (prefix `/logmesh`, TTL 10 s, no auth, no TLS) for `endpoints`.
@@ -84,6 +90,7 @@ impl Default for EtcdConfig {
             user: None,
             password: None,
             tls: None,
+            gone_retention: DEFAULT_GONE_RETENTION,
         }
     }
 }
@@ -97,6 +104,7 @@ impl fmt::Debug for EtcdConfig {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls)
+            .field("gone_retention", &self.gone_retention)
             .finish()
     }
 }
@@ -107,6 +115,7 @@ pub(crate) struct Resolved {
     pub prefix: String,
     pub members_prefix: String,
     pub ttl: Duration,
+    pub gone_retention: Duration,
     /// Connection options, with the user when one is set.
     pub options: ConnectOptions,
     /// The same without the user: connecting with these touches no network.
@@ -208,6 +217,7 @@ pub(crate) fn resolve(cfg: &EtcdConfig) -> Result<Resolved, DiscoveryError> {
         prefix,
         endpoints,
         ttl: Duration::from_secs(cfg.ttl_secs),
+        gone_retention: cfg.gone_retention,
         options,
         offline_options: base,
     })

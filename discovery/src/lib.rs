@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use member::{Change, Member, MemberState, Role, SharedView, View};
+pub use member::{Change, Member, MemberState, MemberStats, Role, SharedView, View};
 
 /// Errors a discovery backend reports to its caller.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +78,11 @@ pub(crate) enum Command {
     SetLocal(Box<Member>),
     /// Announce a graceful leave; reply once announced (or given up).
     Leave(oneshot::Sender<()>),
+    /// Replace the stats summary in the local record (kept by later `SetLocal`s).
+    SetStats(member::MemberStats),
+    /// Drop a member that is down or left from this node's view now (instead of after the
+    /// reap time). Replies whether it was dropped; a live member is never dropped.
+    Forget(String, oneshot::Sender<bool>),
 }
 
 /// What every backend task receives.
@@ -160,6 +165,26 @@ impl Membership {
             .send(Command::SetLocal(Box::new(member)))
             .await
             .map_err(|_| DiscoveryError::Stopped)
+    }
+
+    /// Share a new stats summary with the mesh. Call it every few seconds at most: each
+    /// call re-disseminates the local record.
+    pub async fn set_stats(&self, stats: MemberStats) -> Result<(), DiscoveryError> {
+        self.commands
+            .send(Command::SetStats(stats))
+            .await
+            .map_err(|_| DiscoveryError::Stopped)
+    }
+
+    /// Forget a member that is down or left (as `serf force-leave` prunes it). Returns
+    /// whether it was dropped from this node's view; live members are kept.
+    pub async fn forget(&self, id: &str) -> Result<bool, DiscoveryError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Forget(id.to_string(), tx))
+            .await
+            .map_err(|_| DiscoveryError::Stopped)?;
+        rx.await.map_err(|_| DiscoveryError::Stopped)
     }
 
     /// Announce a graceful leave and wait (bounded by `timeout`) until it is sent.

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 pub enum Role {
     Collector,
     Aggregator,
+    /// A short-lived gossip participant (`logmesh status --join`): never routable, and
+    /// other nodes leave it out of their views.
+    Observer,
 }
 
 impl Role {
@@ -19,6 +22,7 @@ impl Role {
         match self {
             Role::Collector => "collector",
             Role::Aggregator => "aggregator",
+            Role::Observer => "observer",
         }
     }
 }
@@ -35,6 +39,7 @@ impl std::str::FromStr for Role {
         match s {
             "collector" => Ok(Role::Collector),
             "aggregator" => Ok(Role::Aggregator),
+            "observer" => Ok(Role::Observer),
             other => Err(format!(
                 "unknown role {other:?}: expected collector or aggregator"
             )),
@@ -98,6 +103,68 @@ pub struct Member {
     /// Aggregators set this once they listen and can take traffic.
     #[serde(default)]
     pub ready: bool,
+    /// The node's latest stats summary (published every few seconds), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<MemberStats>,
+}
+
+/// A small, fixed-size summary of a node's activity, shared with the mesh every few
+/// seconds (inside its gossip record or etcd registration). Short serde names keep the
+/// gossip record well under its size cap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStats {
+    /// When the summary was taken, milliseconds since the Unix epoch.
+    #[serde(rename = "at", default)]
+    pub at_ms: u64,
+    /// Records per second in (read from inputs / committed from collectors).
+    #[serde(rename = "ri", default)]
+    pub records_in_per_sec: u64,
+    /// Records per second out (acknowledged / written by sinks).
+    #[serde(rename = "ro", default)]
+    pub records_out_per_sec: u64,
+    #[serde(rename = "bi", default)]
+    pub bytes_in_per_sec: u64,
+    #[serde(rename = "bo", default)]
+    pub bytes_out_per_sec: u64,
+    /// Bytes held for delivery.
+    #[serde(rename = "buf", default)]
+    pub buffered_bytes: u64,
+    #[serde(rename = "inf", default)]
+    pub batches_inflight: u64,
+    /// Batch retries since start.
+    #[serde(rename = "rt", default)]
+    pub retries: u64,
+    /// Errors since start.
+    #[serde(rename = "er", default)]
+    pub errors: u64,
+    #[serde(rename = "up", default)]
+    pub uptime_secs: u64,
+    /// The ring version this node routes by (collectors), 0 if none.
+    #[serde(rename = "rv", default)]
+    pub ring_version: u64,
+    /// Streams this node handles (aggregators: streams written), if known.
+    #[serde(rename = "st", default)]
+    pub streams: u64,
+}
+
+impl MemberStats {
+    /// The largest encoding a summary can have (every number at its maximum).
+    pub fn worst_case() -> MemberStats {
+        MemberStats {
+            at_ms: u64::MAX,
+            records_in_per_sec: u64::MAX,
+            records_out_per_sec: u64::MAX,
+            bytes_in_per_sec: u64::MAX,
+            bytes_out_per_sec: u64::MAX,
+            buffered_bytes: u64::MAX,
+            batches_inflight: u64::MAX,
+            retries: u64::MAX,
+            errors: u64::MAX,
+            uptime_secs: u64::MAX,
+            ring_version: u64::MAX,
+            streams: u64::MAX,
+        }
+    }
 }
 
 fn default_weight() -> u32 {
@@ -129,6 +196,8 @@ pub struct View {
 }
 
 /// One difference between two views.
+// Made only when views are diffed (rare, never per record): the variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Added(Member),
@@ -182,6 +251,7 @@ mod tests {
             state,
             incarnation: 1,
             ready: true,
+            stats: None,
         }
     }
 

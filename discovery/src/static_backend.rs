@@ -39,6 +39,7 @@ pub(crate) fn spawn(config: StaticConfig, ctx: BackendCtx) -> Result<(), Discove
                     state: MemberState::Alive,
                     incarnation: 0,
                     ready: true,
+                    stats: None,
                 },
             );
         }
@@ -55,6 +56,14 @@ pub(crate) fn spawn(config: StaticConfig, ctx: BackendCtx) -> Result<(), Discove
                     Some(Command::SetLocal(m)) => {
                         local = *m;
                         view.send_replace(build(&local));
+                    }
+                    Some(Command::SetStats(st)) => {
+                        local.stats = Some(st);
+                        view.send_replace(build(&local));
+                    }
+                    Some(Command::Forget(_, reply)) => {
+                        // The static list is fixed: nothing to forget.
+                        let _ = reply.send(false);
                     }
                     Some(Command::Leave(reply)) => {
                         local.state = MemberState::Leaving;

@@ -1,15 +1,25 @@
-//! Admin HTTP: `/healthz`, `/readyz`, `/metrics` (Prometheus text) and `/status` (JSON view of
-//! the mesh as this node sees it). Read-only; listens on localhost by default.
+//! Admin HTTP: `/healthz`, `/readyz`, `/metrics` (Prometheus text), `/status` (JSON view of
+//! the mesh as this node sees it) and `POST /forget/{id}` (drop a down member now).
+//!
+//! Listens on localhost by default. Bound elsewhere, start-up requires a bearer token file
+//! (`--admin-token-file`, checked in `cli::node`): every endpoint but `/healthz` and
+//! `/readyz` then needs `Authorization: Bearer <token>`. The token and the cluster name are
+//! process-wide (one admin listener per process) and the token is replaced on SIGHUP.
+//! [`mesh`] builds the operator's view of the whole mesh; [`stats`] shares this node's
+//! summary with the mesh. This module must not change membership other than `forget`.
+
+pub mod mesh;
+pub mod stats;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -41,10 +51,13 @@ pub struct MemberStatus {
     pub ring_share: Option<f64>,
 }
 
-/// The `/status` document (schema documented in README.md).
+/// The `/status` document (schema documented in docs/status.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub node_id: String,
+    /// Gossip cluster name (null for other backends).
+    #[serde(default)]
+    pub cluster: Option<String>,
     pub role: Role,
     pub version: String,
     pub uptime_secs: u64,
@@ -75,6 +88,7 @@ impl AdminState {
             .collect();
         NodeStatus {
             node_id: self.node_id.clone(),
+            cluster: CLUSTER.get().cloned(),
             role: self.role,
             version: crate::VERSION.to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -85,6 +99,63 @@ impl AdminState {
             members,
             stats: (self.stats)(),
         }
+    }
+}
+
+static TOKEN: RwLock<Option<String>> = RwLock::new(None);
+static CLUSTER: OnceLock<String> = OnceLock::new();
+
+/// Set (or clear) the bearer token the admin endpoints require. Called at start-up and on
+/// SIGHUP.
+pub fn set_token(token: Option<String>) {
+    let mut t = TOKEN.write().unwrap_or_else(|e| e.into_inner());
+    *t = token;
+}
+
+/// Record the gossip cluster name shown in `/status`.
+pub fn set_cluster(cluster: &str) {
+    let _ = CLUSTER.set(cluster.to_string());
+}
+
+/// Read a bearer token file: its first line, trimmed; it must not be empty.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(format!(
+            "the admin token file {} is empty; write a long random string in it (e.g. `logmesh keygen > FILE`)",
+            path.display()
+        ));
+    }
+    Ok(token)
+}
+
+/// Constant-time comparison (the token must not leak through response timing).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A 401 response unless the request carries the configured token (if any).
+fn unauthorized(headers: &HeaderMap) -> Option<Response> {
+    let guard = TOKEN.read().unwrap_or_else(|e| e.into_inner());
+    let token = guard.as_deref()?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if same(given.trim().as_bytes(), token.as_bytes()) {
+        None
+    } else {
+        Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "missing or wrong bearer token (see --admin-token-file)\n",
+            )
+                .into_response(),
+        )
     }
 }
 
@@ -103,20 +174,75 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     }
 }
 
-async fn metrics(State(s): State<AdminState>) -> Response {
-    s.metrics.set_members(&s.membership.view());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
-        .into_response()
+async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&headers) {
+        return r;
+    }
+    let view = s.membership.view();
+    s.metrics.set_members(&view);
+    if s.role == Role::Aggregator {
+        // collectors keep these current as they route; aggregators set them at scrape time
+        let ring = Ring::new(
+            view.routable_aggregators()
+                .map(|m| (m.id.clone(), m.weight)),
+        );
+        s.metrics
+            .ring_version
+            .set((ring.version() & 0xffff_ffff) as i64);
+        s.metrics.ring_members.set(ring.len() as i64);
+    }
+    if let Some(g) = s.membership.gossip_stats() {
+        s.metrics.set_gossip_dropped(&g);
+    }
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            s.metrics.encode(),
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            s.metrics.encode_text(),
+        )
+            .into_response()
+    }
 }
 
-async fn status(State(s): State<AdminState>) -> Response {
+async fn status(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&headers) {
+        return r;
+    }
     axum::Json(s.status()).into_response()
+}
+
+async fn forget(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = unauthorized(&headers) {
+        return r;
+    }
+    match s.membership.forget(&id).await {
+        Ok(true) => (StatusCode::OK, format!("forgot {id}\n")).into_response(),
+        Ok(false) => (
+            StatusCode::CONFLICT,
+            format!("{id} is not a down or left member of this node's view; nothing forgotten\n"),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
 }
 
 /// Bind the admin listener now (so a port conflict is reported before anything starts)
@@ -131,6 +257,7 @@ pub fn spawn(listener: tokio::net::TcpListener, state: AdminState, cancel: Cance
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route("/forget/{id}", post(forget))
         .with_state(state);
     tokio::spawn(async move {
         let r = axum::serve(listener, app)

@@ -211,6 +211,15 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
         },
         cancel.clone(),
     );
+    let streams_store = store.clone();
+    admin::stats::spawn_publisher(
+        metrics.clone(),
+        membership.clone(),
+        Arc::new(move |st: &mut discovery::MemberStats| {
+            st.buffered_bytes = streams_store.stats().buffered_bytes;
+        }),
+        cancel.clone(),
+    );
     let server_cancel = CancellationToken::new();
     let server = tokio::spawn(server::serve(
         endpoint,

@@ -29,8 +29,14 @@ pub enum Command {
     Certs(CertsCommand),
     /// Print a new random gossip key (base64, 32 bytes) for --gossip-key-file.
     Keygen,
-    /// Show the mesh as a node sees it.
+    /// Show the whole mesh: members, states, ring shares, rates and problems.
     Status(StatusArgs),
+    /// Show each aggregator's share of the keyspace, and who owns given stream keys.
+    Ring(RingArgs),
+    /// Drop a down or left member from a node's view now (instead of after --reap-after).
+    Forget(ForgetArgs),
+    /// Validate a config file (its `role` key, or --role, says which) without starting.
+    CheckConfig(CheckConfigArgs),
     /// Drive a real collector → aggregator pipeline over loopback and report throughput.
     Bench(BenchArgs),
     /// Start a local mesh (3 aggregators, 2 collectors, gossip, self-made certificates) and
@@ -100,6 +106,15 @@ pub struct NodeArgs {
     #[arg(long, env = "LOGMESH_ADMIN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<String>,
+    /// File holding the bearer token the admin endpoints require (all but /healthz and
+    /// /readyz). Required when --admin is not a loopback address. Re-read on SIGHUP.
+    #[arg(long, env = "LOGMESH_ADMIN_TOKEN_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// How long a failed member stays listed as down before it is forgotten (default 24h).
+    #[arg(long, env = "LOGMESH_REAP_AFTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reap_after: Option<String>,
     /// Plaintext-equivalent mode for experiments: no certificate checks, unencrypted gossip.
     #[arg(long, env = "LOGMESH_INSECURE")]
     #[serde(skip_serializing_if = "is_false")]
@@ -303,14 +318,97 @@ pub struct CollectorArgs {
     pub overflow: Option<String>,
 }
 
+/// Where `status` and `ring` read the mesh from (one of --admin, --etcd, --join).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SourceArgs {
+    /// Admin URL of any node, e.g. http://127.0.0.1:7401 (the default source).
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Bearer token file for --admin (see the node's --admin-token-file).
+    #[arg(long, env = "LOGMESH_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Read registrations and stats straight from etcd (repeatable); no node needed.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// etcd key prefix (default /logmesh).
+    #[arg(long)]
+    pub etcd_prefix: Option<String>,
+    #[arg(long)]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "LOGMESH_ETCD_PASSWORD")]
+    pub etcd_password: Option<String>,
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    #[arg(long)]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub etcd_key: Option<PathBuf>,
+    /// Join the gossip mesh through this seed briefly, as an observer (repeatable).
+    #[arg(long, value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// Gossip keyring for --join.
+    #[arg(long, env = "LOGMESH_GOSSIP_KEY_FILE")]
+    pub gossip_key_file: Option<PathBuf>,
+    /// Cluster name for --join (default "logmesh").
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// UDP address the observer listens on for --join (default 0.0.0.0:0).
+    #[arg(long)]
+    pub gossip_addr: Option<String>,
+    /// Unencrypted gossip for --join (meshes run with --insecure).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
-    /// Admin URL of any node, e.g. http://127.0.0.1:7401
-    #[arg(long, default_value = "http://127.0.0.1:7401")]
-    pub admin: String,
-    /// Print JSON instead of a table.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Print JSON (schema in docs/status.md) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Redraw every second until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    /// Table width (default: the terminal's, else 120).
+    #[arg(long)]
+    pub width: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RingArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Stream key to locate (repeatable).
+    #[arg(long)]
+    pub key: Vec<String>,
+    /// Also list the next R-1 owners of each key (replicas / failover order).
+    #[arg(long, default_value_t = 1)]
+    pub replication: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ForgetArgs {
+    /// Member id to forget.
+    pub id: String,
+    /// Admin URL of the node to tell.
+    #[arg(long, default_value = "http://127.0.0.1:7401")]
+    pub admin: String,
+    /// Bearer token file for --admin.
+    #[arg(long, env = "LOGMESH_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CheckConfigArgs {
+    /// The TOML file to check.
+    pub file: PathBuf,
+    /// aggregator or collector (default: the file's `role` key).
+    #[arg(long)]
+    pub role: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

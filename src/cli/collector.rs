@@ -284,6 +284,18 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
         cancel.clone(),
     );
 
+    let pub_stats = stats.clone();
+    admin::stats::spawn_publisher(
+        metrics.clone(),
+        membership.clone(),
+        Arc::new(move |st: &mut discovery::MemberStats| {
+            use std::sync::atomic::Ordering::Relaxed;
+            st.ring_version = pub_stats.ring_version.load(Relaxed);
+            st.batches_inflight = pub_stats.inflight.load(Relaxed);
+            st.buffered_bytes = pub_stats.buffered_bytes.load(Relaxed);
+        }),
+        cancel.clone(),
+    );
     let (tx, rx) = mpsc::channel(64);
     let input_cancel = CancellationToken::new();
     let mut inputs = tokio::task::JoinSet::new();

@@ -4,10 +4,12 @@
 pub mod aggregator;
 pub mod args;
 pub mod bench;
+pub mod check;
 pub mod collector;
 pub mod demo;
 mod discovery_cfg;
 pub mod node;
+pub mod ring;
 pub mod status;
 
 pub use args::*;

@@ -23,6 +23,8 @@ pub struct NodeSettings {
     pub weight: u32,
     pub log_format: String,
     pub log_level: String,
+    /// Bearer token of the admin endpoints (required off loopback).
+    pub admin_token: Option<String>,
 }
 
 impl NodeSettings {
@@ -39,6 +41,7 @@ impl NodeSettings {
             state: MemberState::Alive,
             incarnation: crate::unix_millis(),
             ready: false,
+            stats: None,
         }
     }
 }
@@ -89,7 +92,7 @@ pub fn settings(
         .unwrap_or_else(|| PathBuf::from("logmesh-data").join(&id));
     let cert_role = match role {
         Role::Aggregator => CertRole::Aggregator,
-        Role::Collector => CertRole::Collector,
+        Role::Collector | Role::Observer => CertRole::Collector,
     };
     let security = if a.insecure {
         Security::Insecure
@@ -134,7 +137,37 @@ pub fn settings(
             SocketAddr::from(([127, 0, 0, 1], 0))
         }
     };
-    let backend = backend(a, role, static_list, errs);
+    let admin_token = match &a.admin_token_file {
+        Some(p) => crate::admin::read_token_file(p)
+            .map(Some)
+            .unwrap_or_else(|e| {
+                errs.push("admin-token-file", e);
+                None
+            }),
+        None => {
+            if !admin.ip().is_loopback() {
+                errs.push(
+                    "admin-token-file",
+                    format!("--admin {admin} is not a loopback address: give --admin-token-file so that only holders of the token can read /status and /metrics"),
+                );
+            }
+            None
+        }
+    };
+    let mut backend = backend(a, role, static_list, errs);
+    let reap = crate::config::parse_duration(a.reap_after.as_deref().unwrap_or("24h"))
+        .unwrap_or_else(|e| {
+            errs.push("reap-after", e);
+            std::time::Duration::from_secs(24 * 3600)
+        });
+    if reap.is_zero() {
+        errs.push("reap-after", "must be above zero");
+    }
+    match &mut backend {
+        Some(BackendConfig::Gossip(g)) if !reap.is_zero() => g.timing.remove_down_after = reap,
+        Some(BackendConfig::Etcd(e)) => e.gone_retention = reap,
+        _ => {}
+    }
     let log_format = a.log_format.clone().unwrap_or_else(|| "text".into());
     if !matches!(log_format.as_str(), "text" | "json") {
         errs.push("log-format", "expected text or json");
@@ -157,6 +190,7 @@ pub fn settings(
         weight: a.weight.unwrap_or(1).max(1),
         log_format,
         log_level,
+        admin_token,
     })
 }
 
@@ -169,7 +203,7 @@ fn backend(
     match a.discovery.as_deref().unwrap_or("gossip") {
         "static" => {
             let aggregators = match (role, static_list) {
-                (Role::Aggregator, _) => Vec::new(),
+                (Role::Aggregator | Role::Observer, _) => Vec::new(),
                 (Role::Collector, None) => {
                     errs.push(
                         "static-aggregators",
@@ -196,18 +230,92 @@ fn backend(
     }
 }
 
-/// Install the tracing subscriber (stderr, text or JSON).
+type LevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Changes the log filter of the installed subscriber (set by [`init_logging`]).
+static LOG_LEVEL: std::sync::OnceLock<LevelSetter> = std::sync::OnceLock::new();
+
+/// Install the tracing subscriber (stderr, text or JSON) with a filter SIGHUP can change.
 pub fn init_logging(format: &str, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if format == "json" {
-        let _ = b.json().try_init();
-    } else {
-        let _ = b.try_init();
+    fn setter<L, S>(h: tracing_subscriber::reload::Handle<L, S>) -> LevelSetter
+    where
+        L: From<tracing_subscriber::EnvFilter> + 'static + Send + Sync,
+        S: 'static,
+    {
+        Box::new(move |level: &str| {
+            let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            h.reload(L::from(f)).map_err(|e| e.to_string())
+        })
     }
+    if format == "json" {
+        let b = b.json().with_filter_reloading();
+        let h = b.reload_handle();
+        if b.try_init().is_ok() {
+            let _ = LOG_LEVEL.set(setter(h));
+        }
+    } else {
+        let b = b.with_filter_reloading();
+        let h = b.reload_handle();
+        if b.try_init().is_ok() {
+            let _ = LOG_LEVEL.set(setter(h));
+        }
+    }
+}
+
+/// Apply the settings that can change without a restart: the log filter and the admin
+/// token. Everything else in `new` takes effect at the next start.
+pub fn apply_live(new: &NodeSettings) -> Result<(), String> {
+    if let Some(set) = LOG_LEVEL.get() {
+        set(&new.log_level)?;
+    }
+    crate::admin::set_token(new.admin_token.clone());
+    Ok(())
+}
+
+/// On every SIGHUP, re-read and validate the configuration with `load` (the file again,
+/// under the same env and flags). Invalid: keep running on the old one and log why.
+/// Valid: apply what can change live ([`apply_live`]).
+pub fn spawn_reload<F>(load: F)
+where
+    F: Fn() -> Result<NodeSettings, ConfigErrors> + Send + 'static,
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; configuration reload disabled");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match load() {
+                Err(errs) => {
+                    let detail: Vec<String> = errs
+                        .0
+                        .iter()
+                        .map(|e| format!("{}: {}", e.key, e.message))
+                        .collect();
+                    tracing::error!(
+                        errors = %detail.join("; "),
+                        "SIGHUP: the new configuration is invalid; still running on the old one"
+                    );
+                }
+                Ok(new) => match apply_live(&new) {
+                    Ok(()) => tracing::info!(
+                        log_level = %new.log_level,
+                        "SIGHUP: configuration reloaded (log-level and admin-token-file applied; other keys apply at restart)"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: cannot apply the new log level"),
+                },
+            }
+        }
+    });
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -261,7 +261,14 @@ impl RecordBuilder {
         now_unix_nanos: i64,
         acc: &mut Accumulator,
     ) -> bool {
-        self.push_text(tag, line, Extra::default(), Parse::Spec, now_unix_nanos, acc)
+        self.push_text(
+            tag,
+            line,
+            Extra::default(),
+            Parse::Spec,
+            now_unix_nanos,
+            acc,
+        )
     }
 
     /// Build the record for an input that is already structured: `obj` is a JSON object

@@ -1028,6 +1028,7 @@ mod tests {
             state: MemberState::Alive,
             incarnation: 1,
             ready: true,
+            stats: None,
         }
     }
 

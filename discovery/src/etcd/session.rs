@@ -20,8 +20,6 @@ use super::table::{member_key, MemberTable};
 use super::{bounded, connect, describe, Resolved};
 use crate::{BackendCtx, Command, Member, MemberState, SharedView};
 
-/// How long members that are Down or Left stay in the view before they are forgotten.
-const GONE_RETENTION: Duration = Duration::from_secs(600);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
 /// A session that lasted this long resets the backoff.
@@ -327,11 +325,31 @@ impl Runner {
             m.id = cur.id.clone();
             m.role = cur.role;
         }
+        if m.stats.is_none() {
+            m.stats = cur.stats;
+        }
         let changed = self.table.set_local(m);
         if changed {
             self.publish();
         }
         changed
+    }
+
+    /// Keep a new stats summary in the local record. Returns whether it changed.
+    fn accept_stats(&mut self, st: crate::MemberStats) -> bool {
+        let mut m = self.table.local().clone();
+        m.stats = Some(st);
+        self.accept_local(m)
+    }
+
+    /// Drop a down or left member from the view now.
+    fn forget(&mut self, id: &str) -> bool {
+        let dropped = self.table.forget(id);
+        if dropped {
+            tracing::info!(member = %id, "forgot a member that is down or left");
+            self.publish();
+        }
+        dropped
     }
 
     fn mark_leaving(&mut self) {
@@ -358,6 +376,18 @@ impl Runner {
                 let _ = reply.send(());
                 res
             }
+            Command::SetStats(st) => {
+                if self.accept_stats(st) {
+                    if let Some(l) = &s.lease {
+                        self.put_local(&mut s.client, l.id).await?;
+                    }
+                }
+                Ok(())
+            }
+            Command::Forget(id, reply) => {
+                let _ = reply.send(self.forget(&id));
+                Ok(())
+            }
         }
     }
 
@@ -379,7 +409,7 @@ impl Runner {
 
     async fn on_tick(&mut self, s: &mut Session) -> Result<(), String> {
         let now = Instant::now();
-        if self.table.prune(now, GONE_RETENTION) {
+        if self.table.prune(now, self.r.gone_retention) {
             self.publish();
         }
         let Some(l) = s.lease.as_mut() else {
@@ -494,6 +524,12 @@ impl Runner {
                     // Written to etcd when we reconnect.
                     Some(Command::SetLocal(m)) => {
                         self.accept_local(*m);
+                    }
+                    Some(Command::SetStats(st)) => {
+                        self.accept_stats(st);
+                    }
+                    Some(Command::Forget(id, reply)) => {
+                        let _ = reply.send(self.forget(&id));
                     }
                     // Cannot reach etcd to announce it: our lease expires instead.
                     Some(Command::Leave(reply)) => {

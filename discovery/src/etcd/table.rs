@@ -216,6 +216,15 @@ impl MemberTable {
         }
     }
 
+    /// Forget a member that is Down or Left now. Returns whether it was dropped.
+    pub fn forget(&mut self, id: &str) -> bool {
+        let gone = self.others.get(id).is_some_and(|e| e.gone_since.is_some());
+        if gone {
+            self.others.remove(id);
+        }
+        gone
+    }
+
     /// Forget members that have been Down or Left for longer than `retention`.
     /// Returns whether the view changed.
     pub fn prune(&mut self, now: Instant, retention: Duration) -> bool {
@@ -260,6 +269,7 @@ mod tests {
             state,
             incarnation: 1,
             ready: true,
+            stats: None,
         }
     }
 

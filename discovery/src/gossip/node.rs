@@ -305,6 +305,24 @@ impl Node {
                 self.leave();
                 self.replies.push(reply);
             }
+            Command::SetStats(st) => {
+                self.local.stats = Some(st);
+                self.local_changed = true;
+                if !self.left {
+                    self.broadcast_local();
+                }
+            }
+            Command::Forget(id, reply) => {
+                let gone = self.view.borrow().members.get(&id).is_some_and(|m| {
+                    m.id != self.local.id
+                        && matches!(m.state, MemberState::Down | MemberState::Left)
+                });
+                if gone {
+                    lock(&self.store).forget(&id);
+                    tracing::info!(member = %id, "forgot a member that is down or left");
+                }
+                let _ = reply.send(gone);
+            }
         }
     }
 
@@ -362,6 +380,9 @@ impl Node {
             m.id = self.local.id.clone();
         }
         m.incarnation = self.local.incarnation;
+        if m.stats.is_none() {
+            m.stats = self.local.stats;
+        }
         self.local = m;
         self.local_changed = true;
         if !self.left {
@@ -402,8 +423,13 @@ impl Node {
             seq: self.seq,
             member: self.local.clone(),
         };
-        let result = rec
-            .encode()
+        // A record that would not fit with its stats goes without them.
+        let encoded = rec.encode().or_else(|e| {
+            let mut bare = rec.clone();
+            bare.member.stats = None;
+            bare.encode().map_err(|_| e)
+        });
+        let result = encoded
             .map_err(|e| e.to_string())
             .and_then(|data| self.foca.add_broadcast(&data).map_err(|e| e.to_string()));
         if let Err(e) = result {

@@ -63,6 +63,9 @@ pub(crate) enum RecordError {
 pub(crate) struct RecordStore {
     records: BTreeMap<String, Record>,
     changed: bool,
+    /// Versions of records an operator forgot: copies still in flight must not bring
+    /// them back; a newer version (the member restarted or recovered) does.
+    forgotten: BTreeMap<String, (u64, u64)>,
 }
 
 impl RecordStore {
@@ -72,6 +75,14 @@ impl RecordStore {
         if rec.member.id.is_empty() {
             return false;
         }
+        if self
+            .forgotten
+            .get(&rec.member.id)
+            .is_some_and(|v| *v >= rec.version())
+        {
+            return false;
+        }
+        self.forgotten.remove(&rec.member.id);
         match self.records.get(&rec.member.id) {
             Some(old) if old.version() >= rec.version() => false,
             _ => {
@@ -79,6 +90,14 @@ impl RecordStore {
                 self.changed = true;
                 true
             }
+        }
+    }
+
+    /// Drop `id`'s record (the member then leaves the view) until a newer one arrives.
+    pub(crate) fn forget(&mut self, id: &str) {
+        if let Some(rec) = self.records.remove(id) {
+            self.forgotten.insert(id.to_string(), rec.version());
+            self.changed = true;
         }
     }
 
@@ -227,7 +246,7 @@ pub(crate) fn derive_view<'a>(
         ..View::default()
     };
     for rec in records.iter() {
-        if rec.member.id == local.id {
+        if rec.member.id == local.id || rec.member.role == crate::Role::Observer {
             continue;
         }
         let Some(&((start, _), state)) = newest.get(rec.member.id.as_str()) else {
@@ -267,6 +286,7 @@ mod tests {
             state: MemberState::Alive,
             incarnation,
             ready: true,
+            stats: None,
         }
     }
 
@@ -298,6 +318,51 @@ mod tests {
         assert!(!s.offer(rec("a", 1, 99)));
         assert_eq!(s.get("a").unwrap().version(), (2, 0));
         assert!(!s.offer(rec("", 5, 5)));
+    }
+
+    #[test]
+    fn forgotten_records_stay_forgotten_until_newer() {
+        let mut s = RecordStore::default();
+        s.offer(rec("a", 1, 3));
+        s.take_changed();
+        s.forget("a");
+        assert!(s.take_changed());
+        assert!(s.get("a").is_none());
+        assert!(!s.offer(rec("a", 1, 3)));
+        assert!(!s.offer(rec("a", 1, 2)));
+        assert!(s.offer(rec("a", 1, 4)));
+        assert!(s.get("a").is_some());
+    }
+
+    #[test]
+    fn observers_are_not_listed() {
+        let local = member("me", 1);
+        let mut s = RecordStore::default();
+        let mut o = rec("obs", 10, 1);
+        o.member.role = crate::Role::Observer;
+        s.offer(o);
+        let id = nid("obs", 1, 10);
+        let v = derive_view(&local, &s, vec![(&id, foca::State::Alive)], None);
+        assert!(!v.members.contains_key("obs"));
+    }
+
+    #[test]
+    fn worst_case_stats_fit_a_record() {
+        let mut m = member(&"x".repeat(64), u64::MAX);
+        m.stats = Some(crate::MemberStats::worst_case());
+        m.data_addr = "[1111:2222:3333:4444:5555:6666:7777:8888]:65535"
+            .parse()
+            .unwrap();
+        m.admin_addr = m.data_addr;
+        m.zone = "europe-west1-b".into();
+        m.version = "10.20.30-rc.1".into();
+        m.weight = u32::MAX;
+        let r = Record {
+            seq: u64::MAX,
+            member: m,
+        };
+        let len = r.encode().unwrap().len();
+        assert!(len <= MAX_RECORD_LEN, "{len}");
     }
 
     #[test]

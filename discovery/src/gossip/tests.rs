@@ -27,6 +27,7 @@ fn member(id: &str, incarnation: u64) -> Member {
         state: MemberState::Alive,
         incarnation,
         ready: false,
+        stats: None,
     }
 }
 

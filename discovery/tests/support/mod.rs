@@ -253,6 +253,7 @@ pub fn member(id: &str, role: Role) -> Member {
         state: MemberState::Alive,
         incarnation: 1,
         ready: true,
+        stats: None,
     }
 }
 
