@@ -937,7 +937,6 @@ fn run_kubernetes(dir: &str, etcd: Option<&Etcd>) {
 }
 
 #[test]
-#[ignore = "needs the gossip backend wired into the binary (src/cli/discovery_cfg.rs); un-ignore once it is"]
 fn kubernetes_base_runs_as_written() {
     run_kubernetes("deploy/kubernetes/base", None);
 }
@@ -1080,7 +1079,6 @@ impl Host {
 }
 
 #[test]
-#[ignore = "needs the gossip backend wired into the binary (src/cli/discovery_cfg.rs); un-ignore once it is"]
 fn systemd_units_run_as_written() {
     let secrets = Secrets::make();
     let agg_hosts = [Host::new(), Host::new()];

@@ -18,8 +18,10 @@ use crate::wire::{self, Ack, DecodedBatch};
 
 /// Where accepted batches go. The store implements it; tests use an in-memory twin.
 pub trait Committer: Send + Sync + 'static {
-    /// Resolve once `batch` is durable (or known to be a duplicate), with the answer to send.
-    fn commit(&self, batch: DecodedBatch) -> Pin<Box<dyn Future<Output = Ack> + Send + '_>>;
+    /// Resolve once `batch` is durable (or known to be a duplicate), with the answer to send
+    /// and whether it was newly written (false for a recognised retry).
+    fn commit(&self, batch: DecodedBatch)
+        -> Pin<Box<dyn Future<Output = (Ack, bool)> + Send + '_>>;
 }
 
 #[derive(Debug, Clone)]
@@ -137,8 +139,8 @@ async fn handle_connection(
                 match wire::decode_batch(&frame, cfg.max_batch_bytes) {
                     Ok(batch) => {
                         let (records, bytes) = (batch.header.records, batch.payload.len() as u64);
-                        let ack = committer.commit(batch).await;
-                        if ack == Ack::Committed {
+                        let (ack, fresh) = committer.commit(batch).await;
+                        if ack == Ack::Committed && fresh {
                             metrics.records_in.inc_by(records);
                             metrics.bytes_in.inc_by(bytes);
                             metrics.batches_acked.inc();

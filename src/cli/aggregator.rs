@@ -111,10 +111,13 @@ struct StoreCommitter {
 }
 
 impl Committer for StoreCommitter {
-    fn commit(&self, batch: DecodedBatch) -> Pin<Box<dyn Future<Output = Ack> + Send + '_>> {
+    fn commit(
+        &self,
+        batch: DecodedBatch,
+    ) -> Pin<Box<dyn Future<Output = (Ack, bool)> + Send + '_>> {
         Box::pin(async move {
-            match self.store.commit(batch).await {
-                Ok(CommitOutcome::Committed) => Ack::Committed,
+            let ack = match self.store.commit(batch).await {
+                Ok(CommitOutcome::Committed) => return (Ack::Committed, true),
                 Ok(CommitOutcome::Duplicate) => {
                     self.metrics.batches_duplicate.inc();
                     Ack::Committed
@@ -124,12 +127,17 @@ impl Committer for StoreCommitter {
                     Ack::Busy(e.to_string())
                 }
                 Err(StoreError::ShuttingDown) => Ack::Busy("aggregator is shutting down".into()),
+                Err(e @ StoreError::Invalid(_)) => {
+                    self.metrics.error("invalid_batch");
+                    Ack::Rejected(e.to_string())
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot store batch");
                     self.metrics.error("store");
                     Ack::Busy(e.to_string())
                 }
-            }
+            };
+            (ack, false)
         })
     }
 }

@@ -987,7 +987,10 @@ impl Sender {
         let mut keep = VecDeque::new();
         while let Some((t, b)) = self.parked.pop_front() {
             if t <= now {
-                self.metrics.batches_retried.inc();
+                // a batch parked before any attempt (no aggregator yet) is not a retry
+                if b.frame.is_some() {
+                    self.metrics.batches_retried.inc();
+                }
                 self.reroute_fresh(b, now);
             } else {
                 keep.push_back((t, b));
@@ -1143,6 +1146,58 @@ mod tests {
         let (out, n) = run(link, view(&[]), 3, cfg()).await;
         assert_eq!(out.delivered_records, 0);
         assert_eq!(out.undelivered_records, n);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spool_keeps_what_cannot_be_delivered_and_resends_it_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = Arc::new(MemLink::default());
+        link.state.lock().unwrap().down.insert("a1".into());
+        let mut c = cfg();
+        c.max_buffered_bytes = 16 << 10; // tiny memory tier: most batches spill
+        c.drain_timeout = Duration::from_secs(3);
+        let (spool, rec) = Spool::open(dir.path(), 64 << 20, 1 << 16).unwrap();
+        assert!(rec.is_empty());
+        let (tx, rx) = mpsc::channel(4);
+        let (_vtx, vrx) = watch::channel(view(&["a1"]));
+        let sender = Sender::new(
+            c.clone(),
+            link.clone(),
+            Arc::new(Metrics::new()),
+            Arc::default(),
+        )
+        .with_spool(spool, rec);
+        let h = tokio::spawn(sender.run(rx, vrx, CancellationToken::new()));
+        let mut seq = 0;
+        for _ in 0..20 {
+            tx.send(input(40, 25, &mut seq)).await.unwrap();
+        }
+        drop(tx);
+        let out = h.await.unwrap();
+        assert_eq!(out.delivered_records, 0);
+        assert_eq!(out.undelivered_records, seq);
+        assert_eq!(
+            out.spooled_records, seq,
+            "everything undelivered is on disk"
+        );
+
+        // next start: the aggregator is back; the spool is sent first and emptied
+        link.state.lock().unwrap().down.clear();
+        let (spool, rec) = Spool::open(dir.path(), 64 << 20, 1 << 16).unwrap();
+        assert!(!rec.is_empty());
+        let (tx, rx) = mpsc::channel::<InputBatch>(4);
+        drop(tx);
+        let (_vtx, vrx) = watch::channel(view(&["a1"]));
+        let sender = Sender::new(c, link.clone(), Arc::new(Metrics::new()), Arc::default())
+            .with_spool(spool, rec);
+        let out = sender.run(rx, vrx, CancellationToken::new()).await;
+        assert_eq!(out.undelivered_records, 0);
+        assert_eq!(out.delivered_records, seq);
+        let st = link.state.lock().unwrap();
+        let lines: HashSet<&String> = st.received["a1"].iter().map(|(_, l)| l).collect();
+        assert_eq!(lines.len() as u64, seq, "every record exactly once");
+        let (_, rec) = Spool::open(dir.path(), 64 << 20, 1 << 16).unwrap();
+        assert!(rec.is_empty(), "acknowledged batches leave the spool");
     }
 
     #[tokio::test(start_paused = true)]
