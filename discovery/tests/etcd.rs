@@ -434,7 +434,7 @@ async fn config_errors_are_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_password_auth() {
-    bounded(30, async {
+    bounded(60, async {
         let etcd = Etcd::start().await;
         let mut c = etcd.client().await;
         c.user_add("root", "rootpw", None).await.unwrap();
@@ -449,7 +449,18 @@ async fn user_and_password_auth() {
             ..config(&etcd, "/t-auth", 5)
         };
         let n = node(&bad, member("agg-bad", Role::Aggregator)).await;
-        let v = n.m.view();
+        // under load the first attempt may still be connecting: wait for its verdict
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let v = loop {
+            let v = n.m.view();
+            let reason = v.degraded_reason.clone().unwrap_or_default();
+            if (v.degraded && reason.contains("--etcd-password"))
+                || tokio::time::Instant::now() > deadline
+            {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let reason = v.degraded_reason.clone().unwrap_or_default();
         assert!(v.degraded && reason.contains("--etcd-password"), "{v:?}");
         drop(n);

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::{split_by_size, BatchPolicy, Pending};
 use crate::collector::link::{Link, LinkError};
 use crate::collector::record::{Delivery, InputBatch};
-use crate::collector::spool::{EntryId, Spool};
+use crate::collector::spool::{EntryId, Recovered, Spool};
 use crate::metrics::Metrics;
 use crate::ring::Ring;
 use crate::wire::{self, Ack, BatchHeader, StreamChunk};
@@ -184,7 +184,7 @@ impl Sender {
 
     /// Use `spool` for batches beyond the memory tier and at shutdown; `recovered` are the
     /// frames an earlier run left in it, sent before anything new.
-    pub fn with_spool(mut self, spool: Spool, recovered: Vec<(EntryId, Vec<u8>)>) -> Sender {
+    pub fn with_spool(mut self, spool: Spool, recovered: Vec<Recovered>) -> Sender {
         let mut n = 0u64;
         for (id, frame) in recovered {
             match wire::decode_batch(&frame, usize::MAX >> 1) {

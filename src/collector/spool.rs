@@ -56,6 +56,9 @@ struct Segment {
     entries: u32,
 }
 
+/// A frame left in the spool by an earlier run.
+pub type Recovered = (EntryId, Vec<u8>);
+
 /// Segment files of spooled frames.
 pub struct Spool {
     dir: PathBuf,
@@ -98,7 +101,7 @@ impl Spool {
         dir: &Path,
         max_bytes: u64,
         segment_bytes: u64,
-    ) -> Result<(Spool, Vec<(EntryId, Vec<u8>)>), SpoolError> {
+    ) -> Result<(Spool, Vec<Recovered>), SpoolError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut ids: Vec<u64> = std::fs::read_dir(dir)
             .map_err(io(dir))?
