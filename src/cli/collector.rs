@@ -331,11 +331,13 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
 
     let link = Arc::new(QuicLink::new(endpoint.clone(), Duration::from_secs(1)));
     let shutdown = CancellationToken::new();
+    let force = CancellationToken::new();
     let spool_dir = s.node.data_dir.join("spool");
     let (spool, recovered) = Spool::open(&spool_dir, s.spool_max_bytes, 64 << 20)
         .with_context(|| format!("cannot open the spool in {}", spool_dir.display()))?;
-    let sender =
-        Sender::new(s.sender.clone(), link, metrics.clone(), stats).with_spool(spool, recovered);
+    let sender = Sender::new(s.sender.clone(), link, metrics.clone(), stats)
+        .with_spool(spool, recovered)
+        .with_force(force.clone());
     let mut pipeline = tokio::spawn(sender.run(rx, membership.subscribe(), shutdown.clone()));
     tracing::info!(node = %s.node.id, admin = %admin_addr, backend = membership.backend(), "collector running");
 
@@ -348,8 +350,9 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
             tokio::select! {
                 r = &mut pipeline => r,
                 _ = node::terminated() => {
-                    eprintln!("logmesh: second signal, exiting without waiting for acknowledgements");
-                    std::process::exit(1);
+                    tracing::warn!("second signal: stop waiting; unacknowledged batches go to the spool");
+                    force.cancel();
+                    (&mut pipeline).await
                 }
             }
         }

@@ -144,6 +144,7 @@ pub struct Sender {
     mem_bytes: u64,
     dropped: u64,
     abort: CancellationToken,
+    force: CancellationToken,
 }
 
 impl Sender {
@@ -179,7 +180,15 @@ impl Sender {
             mem_bytes: 0,
             dropped: 0,
             abort: CancellationToken::new(),
+            force: CancellationToken::new(),
         }
+    }
+
+    /// `force` ends the drain at once (a second SIGTERM): unacknowledged batches go to the
+    /// spool and `run` returns.
+    pub fn with_force(mut self, force: CancellationToken) -> Sender {
+        self.force = force;
+        self
     }
 
     /// Use `spool` for batches beyond the memory tier and at shutdown; `recovered` are the
@@ -225,6 +234,8 @@ impl Sender {
         let mut input_open = true;
         let mut views_open = true;
         let mut drain_deadline: Option<Instant> = None;
+        let force = self.force.clone();
+        let mut paused = false;
         loop {
             let now = Instant::now();
             if drain_deadline.is_some() && self.is_idle() {
@@ -232,9 +243,20 @@ impl Sender {
             }
             let can_read =
                 input_open && drain_deadline.is_none() && self.ready.is_empty() && self.has_room();
-            self.metrics.backpressure.set(i64::from(
-                input_open && !can_read && drain_deadline.is_none(),
-            ));
+            let blocked = input_open && !can_read && drain_deadline.is_none();
+            if blocked != paused && self.ready.is_empty() {
+                if blocked {
+                    tracing::warn!(
+                        memory_bytes = self.mem_bytes,
+                        spool_bytes = self.spool.as_ref().map_or(0, Spool::used),
+                        "buffers full: pausing the inputs until aggregators acknowledge"
+                    );
+                } else {
+                    tracing::info!("buffers have room again: inputs resumed");
+                }
+                paused = blocked;
+            }
+            self.metrics.backpressure.set(i64::from(blocked));
             let wake = self.next_wake();
             tokio::select! {
                 biased;
@@ -274,6 +296,10 @@ impl Sender {
                     drain_deadline = Some(now + self.cfg.drain_timeout);
                 }
                 _ = sleep_until_opt(drain_deadline) => {
+                    break;
+                }
+                _ = force.cancelled() => {
+                    self.seal(now);
                     break;
                 }
                 _ = sleep_until_opt(wake) => {
