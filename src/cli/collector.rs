@@ -422,3 +422,62 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
     endpoint.close(0u32.into(), b"bye");
     Ok(outcome)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod forward_tls_tests {
+    use super::*;
+
+    fn errors(a: &CollectorArgs) -> Vec<String> {
+        let mut errs = ConfigErrors::default();
+        let _ = forward_settings(a, "c1", &mut errs);
+        errs.0
+            .iter()
+            .map(|e| format!("{}: {}", e.key, e.message))
+            .collect()
+    }
+
+    #[test]
+    fn tls_flags_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = d.path().join("c.pem");
+        let key = d.path().join("c.key");
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        let mut a = CollectorArgs {
+            forward: Some("127.0.0.1:0".into()),
+            forward_tls_cert: Some(cert.clone()),
+            ..Default::default()
+        };
+        let e = errors(&a);
+        assert!(
+            e.len() == 1 && e[0].starts_with("forward-tls-key: "),
+            "{e:?}"
+        );
+        a.forward_tls_key = Some(key.clone());
+        assert!(errors(&a).is_empty());
+        let mut ok = ConfigErrors::default();
+        assert!(forward_settings(&a, "c1", &mut ok).unwrap().tls.is_some());
+        a.forward_tls_key = Some(d.path().join("missing.key"));
+        let e = errors(&a);
+        assert!(
+            e.len() == 1 && e[0].starts_with("forward-tls-key: "),
+            "{e:?}"
+        );
+        a.forward_tls_key = Some(key);
+        a.forward_tls_ca = Some(d.path().join("missing-ca.pem"));
+        let e = errors(&a);
+        assert!(
+            e.len() == 1 && e[0].starts_with("forward-tls-ca: "),
+            "{e:?}"
+        );
+        a.forward = None;
+        let e = errors(&a);
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e.iter().all(|m| m.ends_with("needs --forward ADDR")),
+            "{e:?}"
+        );
+    }
+}
