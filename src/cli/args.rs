@@ -244,6 +244,19 @@ pub struct CollectorArgs {
     #[arg(long, env = "LOGMESH_FORWARD_SHARED_KEY", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forward_shared_key: Option<String>,
+    /// Serve the forward input over TLS with this PEM certificate chain (needs
+    /// --forward-tls-key); what Fluent Bit's `tls on` / Fluentd's `<transport tls>` expect.
+    #[arg(long, env = "LOGMESH_FORWARD_TLS_CERT", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_tls_cert: Option<PathBuf>,
+    /// PEM private key of --forward-tls-cert.
+    #[arg(long, env = "LOGMESH_FORWARD_TLS_KEY", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_tls_key: Option<PathBuf>,
+    /// Require forward clients to present a certificate issued by this PEM CA.
+    #[arg(long, env = "LOGMESH_FORWARD_TLS_CA", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_tls_ca: Option<PathBuf>,
     /// Receive syslog (RFC 5424 and RFC 3164) on ADDR over UDP and TCP (octet-counted or
     /// newline-framed), e.g. 0.0.0.0:5514. Tag: the app name, else "syslog".
     #[arg(long, env = "LOGMESH_SYSLOG")]

@@ -14,6 +14,7 @@ use crate::admin::{self, AdminState};
 use crate::batch::BatchPolicy;
 use crate::cli::node::{self, NodeSettings};
 use crate::cli::CollectorArgs;
+use crate::collector::input::forward::tls::{server_config as forward_tls_config, ForwardTlsFiles};
 use crate::collector::input::forward::{parse_forward_addr, ForwardConfig, ForwardInput};
 use crate::collector::input::stdin::run_stdin;
 use crate::collector::input::syslog::run_syslog;
@@ -189,8 +190,15 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
 
 fn forward_settings(a: &CollectorArgs, id: &str, errs: &mut ConfigErrors) -> Option<ForwardConfig> {
     let Some(addr) = &a.forward else {
-        if a.forward_shared_key.is_some() {
-            errs.push("forward-shared-key", "needs --forward ADDR");
+        for (set, key) in [
+            (a.forward_shared_key.is_some(), "forward-shared-key"),
+            (a.forward_tls_cert.is_some(), "forward-tls-cert"),
+            (a.forward_tls_key.is_some(), "forward-tls-key"),
+            (a.forward_tls_ca.is_some(), "forward-tls-ca"),
+        ] {
+            if set {
+                errs.push(key, "needs --forward ADDR");
+            }
         }
         return None;
     };
@@ -210,7 +218,50 @@ fn forward_settings(a: &CollectorArgs, id: &str, errs: &mut ConfigErrors) -> Opt
         }
         cfg.shared_key = Some(k.clone());
     }
+    cfg.tls = forward_tls(a, errs);
     Some(cfg)
+}
+
+/// `--forward-tls-*`: both cert and key, or neither; the files checked now.
+fn forward_tls(a: &CollectorArgs, errs: &mut ConfigErrors) -> Option<Arc<rustls::ServerConfig>> {
+    let (cert, key) = match (&a.forward_tls_cert, &a.forward_tls_key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        (None, None) => {
+            if a.forward_tls_ca.is_some() {
+                errs.push(
+                    "forward-tls-ca",
+                    "needs --forward-tls-cert and --forward-tls-key",
+                );
+            }
+            return None;
+        }
+        (Some(_), None) => {
+            errs.push(
+                "forward-tls-key",
+                "missing; --forward-tls-cert needs its key",
+            );
+            return None;
+        }
+        (None, Some(_)) => {
+            errs.push(
+                "forward-tls-cert",
+                "missing; --forward-tls-key needs its certificate",
+            );
+            return None;
+        }
+    };
+    let files = ForwardTlsFiles {
+        cert,
+        key,
+        ca: a.forward_tls_ca.clone(),
+    };
+    match forward_tls_config(&files) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            errs.push(e.key(), e.to_string());
+            None
+        }
+    }
 }
 
 /// Run until the inputs end (stdin EOF) or SIGTERM, then drain. Returns the pipeline outcome.
@@ -373,4 +424,63 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
     cancel.cancel();
     endpoint.close(0u32.into(), b"bye");
     Ok(outcome)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod forward_tls_tests {
+    use super::*;
+
+    fn errors(a: &CollectorArgs) -> Vec<String> {
+        let mut errs = ConfigErrors::default();
+        let _ = forward_settings(a, "c1", &mut errs);
+        errs.0
+            .iter()
+            .map(|e| format!("{}: {}", e.key, e.message))
+            .collect()
+    }
+
+    #[test]
+    fn tls_flags_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = d.path().join("c.pem");
+        let key = d.path().join("c.key");
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        let mut a = CollectorArgs {
+            forward: Some("127.0.0.1:0".into()),
+            forward_tls_cert: Some(cert.clone()),
+            ..Default::default()
+        };
+        let e = errors(&a);
+        assert!(
+            e.len() == 1 && e[0].starts_with("forward-tls-key: "),
+            "{e:?}"
+        );
+        a.forward_tls_key = Some(key.clone());
+        assert!(errors(&a).is_empty());
+        let mut ok = ConfigErrors::default();
+        assert!(forward_settings(&a, "c1", &mut ok).unwrap().tls.is_some());
+        a.forward_tls_key = Some(d.path().join("missing.key"));
+        let e = errors(&a);
+        assert!(
+            e.len() == 1 && e[0].starts_with("forward-tls-key: "),
+            "{e:?}"
+        );
+        a.forward_tls_key = Some(key);
+        a.forward_tls_ca = Some(d.path().join("missing-ca.pem"));
+        let e = errors(&a);
+        assert!(
+            e.len() == 1 && e[0].starts_with("forward-tls-ca: "),
+            "{e:?}"
+        );
+        a.forward = None;
+        let e = errors(&a);
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e.iter().all(|m| m.ends_with("needs --forward ADDR")),
+            "{e:?}"
+        );
+    }
 }

@@ -26,16 +26,22 @@
 //!   (`kind="forward_auth"`).
 //! - UDP heartbeat: a UDP socket on the same address answers every one-byte datagram by
 //!   echoing it (fluentd's in_forward answers `"\0"` to the `"\0"` heartbeat).
-//! - TLS is not supported.
+//! - TLS (`--forward-tls-cert`/`--forward-tls-key`, optionally `--forward-tls-ca` to require
+//!   client certificates; see [`tls`]): every accepted TCP connection is a TLS server
+//!   session, the Forward protocol (handshake included) runs inside it. A failed or timed-out
+//!   TLS handshake (e.g. a plaintext client) closes that connection with a warning naming the
+//!   peer and the reason and counts `logmesh_errors_total{kind="forward_tls"}`; others are
+//!   unaffected. The UDP heartbeat stays plain, as in fluentd.
 
 pub mod decode;
 pub mod handshake;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -57,6 +63,8 @@ const READ_SIZE: usize = 64 * 1024;
 const ACK_POLL: Duration = Duration::from_millis(20);
 /// A client that does not take our replies within this time is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that does not finish the TLS handshake within this time is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Settings of the forward input.
 #[derive(Clone)]
@@ -68,6 +76,8 @@ pub struct ForwardConfig {
     pub self_hostname: String,
     pub max_frame_bytes: usize,
     pub max_decompressed_bytes: usize,
+    /// Accept TLS only, with this configuration (built by [`tls::server_config`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl std::fmt::Debug for ForwardConfig {
@@ -81,6 +91,7 @@ impl std::fmt::Debug for ForwardConfig {
             .field("self_hostname", &self.self_hostname)
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("max_decompressed_bytes", &self.max_decompressed_bytes)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -93,6 +104,7 @@ impl ForwardConfig {
             self_hostname: self_hostname.into(),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
+            tls: None,
         }
     }
 }
@@ -182,7 +194,13 @@ impl ForwardInput {
         cancel: CancellationToken,
         metrics: Option<Arc<Metrics>>,
     ) -> Result<(), InputError> {
-        tracing::info!(addr = %self.addr, shared_key = self.cfg.shared_key.is_some(), "forward input listening");
+        tracing::info!(
+            addr = %self.addr,
+            shared_key = self.cfg.shared_key.is_some(),
+            tls = self.cfg.tls.is_some(),
+            "forward input listening"
+        );
+        let acceptor = self.cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         let mut tasks = JoinSet::new();
         tasks.spawn(heartbeat(self.udp, cancel.clone()));
         loop {
@@ -210,7 +228,10 @@ impl ForwardInput {
                 cancel: cancel.clone(),
                 metrics: metrics.clone(),
             };
-            tasks.spawn(conn.serve(stream));
+            match &acceptor {
+                None => tasks.spawn(conn.serve(stream)),
+                Some(a) => tasks.spawn(conn.serve_tls(a.clone(), stream)),
+            };
         }
         drop(tx);
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -265,7 +286,28 @@ enum Close {
 }
 
 impl Conn {
-    async fn serve(mut self, mut stream: TcpStream) {
+    /// The TLS handshake, then [`Conn::serve`] inside the session.
+    async fn serve_tls(self, acceptor: tokio_rustls::TlsAcceptor, stream: TcpStream) {
+        let hs = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+        let r = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => return,
+            r = hs => r,
+        };
+        match r {
+            Ok(Ok(tls)) => self.serve(tls).await,
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %self.peer, error = %e, "forward input: closing connection: TLS handshake failed");
+                self.count("forward_tls");
+            }
+            Err(_) => {
+                tracing::warn!(peer = %self.peer, "forward input: closing connection: TLS handshake timed out");
+                self.count("forward_tls");
+            }
+        }
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut self, mut stream: S) {
         match self.serve_inner(&mut stream).await {
             Ok(()) | Err(Close::Stopped) => {}
             Err(Close::Malformed(e)) => {
@@ -289,7 +331,10 @@ impl Conn {
         }
     }
 
-    async fn serve_inner(&mut self, stream: &mut TcpStream) -> Result<(), Close> {
+    async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+    ) -> Result<(), Close> {
         let mut dec =
             ForwardDecoder::new(self.cfg.max_frame_bytes, self.cfg.max_decompressed_bytes);
         let mut hs = self
@@ -394,9 +439,9 @@ impl Conn {
     }
 
     /// Send `{"ack": chunk}` for every chunk whose records are delivered.
-    async fn flush_acks(
+    async fn flush_acks<S: AsyncWrite + Unpin>(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         pending: &mut Vec<(Weak<()>, String)>,
     ) -> Result<(), Close> {
         if pending.iter().all(|(w, _)| w.strong_count() > 0) {
@@ -418,7 +463,7 @@ impl Conn {
     }
 }
 
-async fn write(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), Close> {
+async fn write<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Result<(), Close> {
     match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(bytes)).await {
         Ok(r) => r.map_err(Close::Io),
         Err(_) => Err(Close::Io(std::io::Error::new(

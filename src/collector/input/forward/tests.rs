@@ -472,24 +472,28 @@ mod net {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    async fn start(
-        shared_key: Option<&str>,
-    ) -> (
+    type Started = (
         SocketAddr,
         mpsc::Receiver<InputBatch>,
         CancellationToken,
         tempfile::TempDir,
-    ) {
+    );
+
+    async fn start(shared_key: Option<&str>) -> Started {
+        let mut cfg = ForwardConfig::new("127.0.0.1:0".parse().unwrap(), "c1");
+        cfg.shared_key = shared_key.map(str::to_owned);
+        start_with(cfg, None).await
+    }
+
+    async fn start_with(cfg: ForwardConfig, metrics: Option<Arc<Metrics>>) -> Started {
         let dir = tempfile::tempdir().unwrap();
         let seq = SeqAllocator::open(dir.path()).unwrap();
         let b = RecordBuilder::new(Arc::new(RecordSpec::new("c1")), seq).unwrap();
-        let mut cfg = ForwardConfig::new("127.0.0.1:0".parse().unwrap(), "c1");
-        cfg.shared_key = shared_key.map(str::to_owned);
         let input = ForwardInput::bind(cfg).await.unwrap();
         let addr = input.local_addr();
         let (tx, rx) = mpsc::channel(4);
         let cancel = CancellationToken::new();
-        tokio::spawn(input.run(b, tx, cancel.clone(), None));
+        tokio::spawn(input.run(b, tx, cancel.clone(), metrics));
         (addr, rx, cancel, dir)
     }
 
@@ -508,7 +512,7 @@ mod net {
             .collect()
     }
 
-    async fn read_value(c: &mut TcpStream) -> Value {
+    async fn read_value<S: tokio::io::AsyncRead + Unpin>(c: &mut S) -> Value {
         let mut buf = Vec::new();
         let mut tmp = [0u8; 1024];
         loop {
@@ -623,5 +627,266 @@ mod net {
             .unwrap();
         assert_eq!((n, b[0], from), (1, 0, addr));
         cancel.cancel();
+    }
+}
+
+// ---------------------------------------------------------------- TLS
+
+mod tls_net {
+    use super::*;
+    use crate::collector::input::forward::tls::{server_config, ForwardTlsError, ForwardTlsFiles};
+    use crate::collector::record::{RecordSpec, SeqAllocator};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::path::Path;
+    use std::time::Duration;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio_rustls::client::TlsStream;
+
+    /// A self-signed server certificate for "localhost": (cert PEM, key PEM, cert DER).
+    fn self_signed() -> (String, String, CertificateDer<'static>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        (
+            ck.cert.pem(),
+            ck.key_pair.serialize_pem(),
+            ck.cert.der().clone(),
+        )
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    async fn start_tls(
+        files: &ForwardTlsFiles,
+    ) -> (
+        SocketAddr,
+        mpsc::Receiver<InputBatch>,
+        CancellationToken,
+        Arc<Metrics>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let seq = SeqAllocator::open(dir.path()).unwrap();
+        let b = RecordBuilder::new(Arc::new(RecordSpec::new("c1")), seq).unwrap();
+        let mut cfg = ForwardConfig::new("127.0.0.1:0".parse().unwrap(), "c1");
+        cfg.tls = Some(server_config(files).unwrap());
+        let input = ForwardInput::bind(cfg).await.unwrap();
+        let addr = input.local_addr();
+        let (tx, rx) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new());
+        tokio::spawn(input.run(b, tx, cancel.clone(), Some(metrics.clone())));
+        (addr, rx, cancel, metrics, dir)
+    }
+
+    fn client_config(
+        trust: CertificateDer<'static>,
+        auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(trust).unwrap();
+        let b = rustls::ClientConfig::builder_with_provider(crate::transport::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        Arc::new(match auth {
+            None => b.with_no_client_auth(),
+            Some((chain, key)) => b.with_client_auth_cert(chain, key).unwrap(),
+        })
+    }
+
+    async fn connect(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+    }
+
+    async fn recv(rx: &mut mpsc::Receiver<InputBatch>) -> InputBatch {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    fn records(b: &InputBatch) -> Vec<serde_json::Value> {
+        b.chunks
+            .iter()
+            .flat_map(|c| c.data.split(|x| *x == b'\n').filter(|l| !l.is_empty()))
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+
+    async fn read_value<S: AsyncRead + Unpin>(c: &mut S) -> Value {
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 1024];
+        loop {
+            if let Ok(v) = rmpv::decode::read_value(&mut &buf[..]) {
+                return v;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut tmp))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "connection closed");
+            buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    /// Reads until the peer closes (EOF or error); panics if it stays open 10 s.
+    async fn closed<S: AsyncRead + Unpin>(c: &mut S) {
+        let mut tmp = [0u8; 256];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), c.read(&mut tmp))
+                .await
+                .expect("connection not closed")
+            {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // e.g. a TLS alert
+            }
+        }
+    }
+
+    fn tls_errors(m: &Metrics) -> usize {
+        m.encode_text()
+            .lines()
+            .filter(|l| l.starts_with("logmesh_errors_total") && l.contains("forward_tls"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as usize)
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn forward_over_tls_with_ack_and_plaintext_client_rejected() {
+        let d = tempfile::tempdir().unwrap();
+        let (cert, key, der) = self_signed();
+        let files = ForwardTlsFiles {
+            cert: write(d.path(), "c.pem", &cert),
+            key: write(d.path(), "c.key", &key),
+            ca: None,
+        };
+        let (addr, mut rx, cancel, metrics, _dir) = start_tls(&files).await;
+        let ccfg = client_config(der, None);
+        // a TLS client connected before the plaintext one
+        let mut good = connect(addr, ccfg.clone()).await;
+        // plaintext Forward against the TLS port: closed, nothing accepted, counted
+        let mut plain = TcpStream::connect(addr).await.unwrap();
+        plain.write_all(&frames(0)[1]).await.unwrap();
+        closed(&mut plain).await;
+        assert!(rx.try_recv().is_err(), "plaintext records accepted");
+        // the counter is bumped just after the close; give it a moment
+        for _ in 0..100 {
+            if tls_errors(&metrics) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(tls_errors(&metrics), 1);
+        // Forward mode with a chunk over TLS: records arrive, ack after delivery
+        good.write_all(&frames(0)[1]).await.unwrap();
+        good.flush().await.unwrap();
+        let batch = recv(&mut rx).await;
+        let recs = records(&batch);
+        assert_eq!(recs.len(), 3);
+        assert_eq!(recs[0]["_tag"], "t.fwd");
+        assert_eq!(recs[2]["i"], 2);
+        drop(batch);
+        assert_eq!(read_value(&mut good).await, map(&[("ack", s("c-fwd"))]));
+        // and a client connected after the failure works too
+        let mut late = connect(addr, ccfg).await;
+        late.write_all(&frames(7)[0]).await.unwrap();
+        late.flush().await.unwrap();
+        let batch = recv(&mut rx).await;
+        assert_eq!(records(&batch)[0]["i"], 7);
+        drop(batch);
+        assert_eq!(read_value(&mut late).await, map(&[("ack", s("c-msg"))]));
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn client_certificate_required_with_ca() {
+        let d = tempfile::tempdir().unwrap();
+        let (cert, key, der) = self_signed();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let cl_key = KeyPair::generate().unwrap();
+        let cl = CertificateParams::new(vec!["fluent-bit".to_owned()])
+            .unwrap()
+            .signed_by(&cl_key, &ca, &ca_key)
+            .unwrap();
+        let files = ForwardTlsFiles {
+            cert: write(d.path(), "c.pem", &cert),
+            key: write(d.path(), "c.key", &key),
+            ca: Some(write(d.path(), "ca.pem", &ca.pem())),
+        };
+        let (addr, mut rx, cancel, metrics, _dir) = start_tls(&files).await;
+        // without a client certificate: the server rejects the session
+        let mut anon = connect(addr, client_config(der.clone(), None)).await;
+        let _ = anon.write_all(&frames(0)[0]).await;
+        let _ = anon.flush().await;
+        closed(&mut anon).await;
+        assert!(rx.try_recv().is_err());
+        for _ in 0..100 {
+            if tls_errors(&metrics) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(tls_errors(&metrics), 1);
+        // with one issued by the CA: accepted
+        let key_der = PrivateKeyDer::try_from(cl_key.serialize_der()).unwrap();
+        let auth = Some((vec![cl.der().clone()], key_der));
+        let mut c = connect(addr, client_config(der, auth)).await;
+        c.write_all(&frames(3)[0]).await.unwrap();
+        c.flush().await.unwrap();
+        let batch = recv(&mut rx).await;
+        assert_eq!(records(&batch)[0]["i"], 3);
+        drop(batch);
+        assert_eq!(read_value(&mut c).await, map(&[("ack", s("c-msg"))]));
+        cancel.cancel();
+    }
+
+    #[test]
+    fn bad_files_name_the_key() {
+        let d = tempfile::tempdir().unwrap();
+        let (cert, key, _) = self_signed();
+        let (_, other_key, _) = self_signed();
+        let cert_p = write(d.path(), "c.pem", &cert);
+        let key_p = write(d.path(), "c.key", &key);
+        let files = |cert: &Path, key: &Path, ca: Option<&Path>| ForwardTlsFiles {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            ca: ca.map(Path::to_owned),
+        };
+        assert!(server_config(&files(&cert_p, &key_p, None)).is_ok());
+        let missing = d.path().join("nope.pem");
+        let e = server_config(&files(&missing, &key_p, None)).unwrap_err();
+        assert!(matches!(e, ForwardTlsError::Missing { .. }), "{e}");
+        assert_eq!(e.key(), "forward-tls-cert");
+        let e = server_config(&files(&cert_p, &missing, None)).unwrap_err();
+        assert_eq!(e.key(), "forward-tls-key");
+        let wrong = write(d.path(), "o.key", &other_key);
+        let e = server_config(&files(&cert_p, &wrong, None)).unwrap_err();
+        assert!(matches!(e, ForwardTlsError::KeyMismatch { .. }), "{e}");
+        assert_eq!(e.key(), "forward-tls-key");
+        // a key where the certificate belongs, garbage as CA
+        let e = server_config(&files(&key_p, &key_p, None)).unwrap_err();
+        assert_eq!(e.key(), "forward-tls-cert");
+        let junk = write(d.path(), "junk.pem", "not pem");
+        let e = server_config(&files(&cert_p, &key_p, Some(&junk))).unwrap_err();
+        assert_eq!(e.key(), "forward-tls-ca");
+        let e = server_config(&files(&cert_p, &junk, None)).unwrap_err();
+        assert_eq!(e.key(), "forward-tls-key");
     }
 }
