@@ -87,6 +87,11 @@ fn paced_file(
 /// Copies of each uid in `0..n` over the sinks in `out_dirs`: (missing uids, duplicate copies,
 /// total records). Panics on a uid outside `0..n`.
 fn tally(out_dirs: &[PathBuf], n: u64) -> (Vec<u64>, u64, u64) {
+    tally_range(out_dirs, n, 0..n)
+}
+
+/// Like [`tally`], counting only uids in `range` for the missing list and the duplicates.
+fn tally_range(out_dirs: &[PathBuf], n: u64, range: std::ops::Range<u64>) -> (Vec<u64>, u64, u64) {
     let mut seen = vec![0u32; n as usize];
     let mut totalr = 0u64;
     for d in out_dirs {
@@ -101,8 +106,11 @@ fn tally(out_dirs: &[PathBuf], n: u64) -> (Vec<u64>, u64, u64) {
             }
         }
     }
-    let missing: Vec<u64> = (0..n).filter(|&u| seen[u as usize] == 0).collect();
-    let dups = seen.iter().map(|&c| u64::from(c.saturating_sub(1))).sum();
+    let missing: Vec<u64> = range.clone().filter(|&u| seen[u as usize] == 0).collect();
+    let dups = seen[range.start as usize..range.end as usize]
+        .iter()
+        .map(|&c| u64::from(c.saturating_sub(1)))
+        .sum();
     (missing, dups, totalr)
 }
 
@@ -177,6 +185,8 @@ struct FaultRun {
 struct FaultResult {
     records: u64,
     dups: u64,
+    /// duplicates among the stdin collector's records: only the aggregator kills cause them
+    dups_stdin: u64,
     took: Duration,
 }
 
@@ -282,22 +292,31 @@ fn fault_run(p: FaultRun) -> FaultResult {
     // let late copies (retries after lost acks) land, then count again
     std::thread::sleep(Duration::from_secs(1));
     let (missing, dups2, total2) = tally(&out_dirs, n);
+    let (_, dups_stdin, _) = tally_range(&out_dirs, n, 0..p.stdin_records);
+    println!(
+        "duplicates: {dups_stdin} of stdin records (aggregator kills), {} of tailed records \
+         (aggregator kills + the collector kill)",
+        dups2 - dups_stdin
+    );
     assert!(missing.is_empty());
     assert!(dups2 >= dups && total2 >= total_records);
     FaultResult {
         records: n,
         dups: dups2,
+        dups_stdin,
         took: start.elapsed(),
     }
 }
 
 #[test]
 fn kill_9_aggregators_and_tail_collector_under_load_loses_nothing() {
+    const STDIN: u64 = 180_000;
+    const PAUSE: Duration = Duration::from_millis(40);
     let r = fault_run(FaultRun {
-        stdin_records: 180_000,
+        stdin_records: STDIN,
         tail_records: 140_000,
         agg_kills: 3,
-        pause: Duration::from_millis(40),
+        pause: PAUSE,
     });
     let pct = r.dups as f64 * 100.0 / r.records as f64;
     println!(
@@ -306,11 +325,22 @@ fn kill_9_aggregators_and_tail_collector_under_load_loses_nothing() {
         r.dups,
         r.took.as_secs_f64()
     );
+    // aggregator kills: a batch in flight at a kill is retried; dedupe drops it if it was
+    // committed, so copies are rare (0 in practice); allow 1%
     assert!(
-        r.dups * 20 < r.records,
-        "{} duplicates of {} records: more than 5%",
-        r.dups,
-        r.records
+        r.dups_stdin * 100 < STDIN,
+        "{} duplicates of {STDIN} stdin records after aggregator kills: more than 1%",
+        r.dups_stdin
+    );
+    // the collector kill re-reads what was past its last tail checkpoint: saved at most
+    // every second (tail::SAVE_INTERVAL) and only past acknowledged records, so the repeats
+    // are bounded by what was appended in about two seconds (1,000 records per PAUSE)
+    let tail_dups = r.dups - r.dups_stdin;
+    let bound = 2_000 / PAUSE.as_millis() as u64 * 1_000;
+    assert!(
+        tail_dups <= bound,
+        "{tail_dups} duplicates of tailed records after one collector kill: more than the \
+         {bound} appended in two checkpoint intervals"
     );
 }
 
