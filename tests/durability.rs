@@ -20,14 +20,12 @@ const STREAMS: u64 = 24;
 
 /// One input line with a unique `uid`.
 fn line(buf: &mut Vec<u8>, uid: u64) {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(96);
-    let _ = write!(
-        s,
-        "{{\"svc\":\"svc-{:02}\",\"uid\":{uid},\"msg\":\"request {uid} done\"}}\n",
+    // io::Write on Vec<u8> cannot fail
+    let _ = writeln!(
+        buf,
+        "{{\"svc\":\"svc-{:02}\",\"uid\":{uid},\"msg\":\"request {uid} done\"}}",
         uid % STREAMS
     );
-    buf.extend_from_slice(s.as_bytes());
 }
 
 /// Write records `range` to `stdin` in chunks of `chunk`, pausing `pause` between chunks, then
