@@ -269,6 +269,14 @@ impl Proc {
         }
     }
 
+    /// SIGKILL (kill -9) and reap, like a crash; a no-op if it already exited.
+    pub fn kill(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+
     /// SIGTERM, then wait up to `timeout` for the exit.
     pub fn stop(&mut self, timeout: Duration) -> ExitStatus {
         self.sigterm();
