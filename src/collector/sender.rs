@@ -366,7 +366,7 @@ impl Sender {
                 continue;
             }
             let records = if b.primary { b.records } else { 0 };
-            if self.spill(b) {
+            if self.spill(b).is_ok() {
                 on_disk += records;
             }
         }
@@ -399,10 +399,10 @@ impl Sender {
     }
 
     /// Write a batch to the spool and forget it in memory (its Delivery handles are released:
-    /// the records are durable here). False if there is no spool or it is full.
-    fn spill(&mut self, b: OutBatch) -> bool {
+    /// the records are durable here). Hands the batch back if there is no spool, or it is full.
+    fn spill(&mut self, b: OutBatch) -> Result<(), OutBatch> {
         if self.spool.is_none() {
-            return false;
+            return Err(b);
         }
         let frame = match &b.frame {
             Some(f) => f.clone(),
@@ -410,12 +410,12 @@ impl Sender {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot encode a batch for the spool");
-                    return false;
+                    return Err(b);
                 }
             },
         };
         let Some(spool) = self.spool.as_mut() else {
-            return false;
+            return Err(b);
         };
         if !spool.has_room(frame.len() as u64) && self.cfg.drop_oldest {
             while !spool.has_room(frame.len() as u64) {
@@ -447,11 +447,11 @@ impl Sender {
                     self.spooled.push_back((*id, records, b.bytes));
                     self.mem_bytes = self.mem_bytes.saturating_sub(b.bytes);
                 }
-                true
+                Ok(())
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot spill to the spool");
-                false
+                Err(b)
             }
         }
     }
@@ -672,47 +672,19 @@ impl Sender {
         if self.spool.is_some() && (self.mem_bytes as usize) > self.cfg.max_buffered_bytes {
             let fresh: Vec<(OutBatch, String)> = self.ready.drain(before..).collect();
             for (b, target) in fresh {
-                if (self.mem_bytes as usize) <= self.cfg.max_buffered_bytes {
+                // replica copies stay in memory: the spool holds one copy, sent to the owner
+                let over = (self.mem_bytes as usize) > self.cfg.max_buffered_bytes;
+                if !over || !b.primary {
                     self.ready.push_back((b, target));
                     continue;
                 }
-                let keep = b.primary;
-                if !keep {
+                // a spilled batch is routed again when it is read back
+                if let Err(b) = self.spill(b) {
                     self.ready.push_back((b, target));
-                    continue;
-                }
-                // Spilled batches are re-routed when they are read back.
-                let frame_batch = b;
-                if !self.spill_or_keep(frame_batch, target) {
-                    break;
                 }
             }
         }
         self.launch_ready();
-    }
-
-    /// Spill `b`; if the spool cannot take it, keep it in memory.
-    fn spill_or_keep(&mut self, b: OutBatch, target: String) -> bool {
-        let deliveries = b.deliveries.len();
-        let fallback = OutBatch {
-            id: b.id,
-            chunks: b.chunks.clone(),
-            records: b.records,
-            bytes: b.bytes,
-            frame: b.frame.clone(),
-            deliveries: b.deliveries.clone(),
-            tried: Vec::new(),
-            primary: b.primary,
-            spool_ref: None,
-        };
-        if self.spill(b) {
-            self.metrics.error("spilled_to_spool");
-            tracing::debug!(deliveries, "memory tier full: batch spilled to the spool");
-            true
-        } else {
-            self.ready.push_back((fallback, target));
-            false
-        }
     }
 
     /// Seal everything pending into batches, one or more per owning aggregator, without
@@ -1224,6 +1196,39 @@ mod tests {
         assert_eq!(lines.len() as u64, seq, "every record exactly once");
         let (_, rec) = Spool::open(dir.path(), 64 << 20, 1 << 16).unwrap();
         assert!(rec.is_empty(), "acknowledged batches leave the spool");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_spool_keeps_batches_in_memory_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = Arc::new(MemLink::default());
+        link.state.lock().unwrap().down.insert("a1".into());
+        let mut c = cfg();
+        c.max_buffered_bytes = 8 << 10; // memory tier: a couple of batches
+        c.drain_timeout = Duration::from_secs(30);
+        // room for a few frames only: most spills are refused
+        let (spool, rec) = Spool::open(dir.path(), 6 << 10, 1 << 16).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let (_vtx, vrx) = watch::channel(view(&["a1"]));
+        let sender = Sender::new(c, link.clone(), Arc::new(Metrics::new()), Arc::default())
+            .with_spool(spool, rec);
+        let h = tokio::spawn(sender.run(rx, vrx, CancellationToken::new()));
+        let l2 = link.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            l2.state.lock().unwrap().down.clear();
+        });
+        let mut seq = 0;
+        for _ in 0..20 {
+            tx.send(input(40, 25, &mut seq)).await.unwrap();
+        }
+        drop(tx);
+        let out = h.await.unwrap();
+        assert_eq!(out.undelivered_records, 0);
+        assert_eq!(out.delivered_records, seq);
+        let st = link.state.lock().unwrap();
+        let lines: HashSet<&String> = st.received["a1"].iter().map(|(_, l)| l).collect();
+        assert_eq!(lines.len() as u64, seq, "every record exactly once");
     }
 
     #[tokio::test(start_paused = true)]
