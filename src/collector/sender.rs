@@ -400,9 +400,9 @@ impl Sender {
 
     /// Write a batch to the spool and forget it in memory (its Delivery handles are released:
     /// the records are durable here). Hands the batch back if there is no spool, or it is full.
-    fn spill(&mut self, b: OutBatch) -> Result<(), OutBatch> {
+    fn spill(&mut self, b: OutBatch) -> Result<(), Box<OutBatch>> {
         if self.spool.is_none() {
-            return Err(b);
+            return Err(Box::new(b));
         }
         let frame = match &b.frame {
             Some(f) => f.clone(),
@@ -410,12 +410,12 @@ impl Sender {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot encode a batch for the spool");
-                    return Err(b);
+                    return Err(Box::new(b));
                 }
             },
         };
         let Some(spool) = self.spool.as_mut() else {
-            return Err(b);
+            return Err(Box::new(b));
         };
         if !spool.has_room(frame.len() as u64) && self.cfg.drop_oldest {
             while !spool.has_room(frame.len() as u64) {
@@ -451,7 +451,7 @@ impl Sender {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot spill to the spool");
-                Err(b)
+                Err(Box::new(b))
             }
         }
     }
@@ -680,7 +680,7 @@ impl Sender {
                 }
                 // a spilled batch is routed again when it is read back
                 if let Err(b) = self.spill(b) {
-                    self.ready.push_back((b, target));
+                    self.ready.push_back((*b, target));
                 }
             }
         }
