@@ -4,6 +4,7 @@ pub mod dedupe;
 pub mod server;
 pub mod sink;
 pub mod store;
+pub mod streams;
 pub mod wal;
 
 mod delivery;

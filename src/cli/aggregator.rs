@@ -15,6 +15,7 @@ use crate::admin::{self, AdminState};
 use crate::aggregator::server::{self, Committer, ServerConfig};
 use crate::aggregator::sink::config::{self as sink_config, SinkSpec};
 use crate::aggregator::store::{CommitOutcome, Store, StoreConfig, StoreError};
+use crate::aggregator::streams::StreamActivity;
 use crate::cli::node::{self, NodeSettings};
 use crate::cli::AggregatorArgs;
 use crate::config::{self, parse_addr, parse_duration, ConfigErrors};
@@ -108,6 +109,8 @@ pub fn validate(a: &AggregatorArgs) -> Result<AggregatorSettings, ConfigErrors> 
 struct StoreCommitter {
     store: Store,
     metrics: Arc<Metrics>,
+    /// Streams committed recently (the "streams owned" of `logmesh status`).
+    streams: Arc<std::sync::Mutex<StreamActivity>>,
 }
 
 impl Committer for StoreCommitter {
@@ -116,8 +119,20 @@ impl Committer for StoreCommitter {
         batch: DecodedBatch,
     ) -> Pin<Box<dyn Future<Output = (Ack, bool)> + Send + '_>> {
         Box::pin(async move {
+            let keys: Vec<String> = batch
+                .chunks
+                .iter()
+                .map(|c| batch.key(c).to_string())
+                .collect();
             let ack = match self.store.commit(batch).await {
-                Ok(CommitOutcome::Committed) => return (Ack::Committed, true),
+                Ok(CommitOutcome::Committed) => {
+                    let now = crate::unix_millis();
+                    let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+                    for k in &keys {
+                        streams.record(k, now);
+                    }
+                    return (Ack::Committed, true);
+                }
                 Ok(CommitOutcome::Duplicate) => {
                     self.metrics.batches_duplicate.inc();
                     Ack::Committed
@@ -220,11 +235,17 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
         cancel.clone(),
     );
     let streams_store = store.clone();
+    let streams = Arc::new(std::sync::Mutex::new(StreamActivity::default()));
+    let activity = streams.clone();
     admin::stats::spawn_publisher(
         metrics.clone(),
         membership.clone(),
         Arc::new(move |st: &mut discovery::MemberStats| {
             st.buffered_bytes = streams_store.stats().buffered_bytes;
+            st.streams = activity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .active(crate::unix_millis(), 60_000) as u64;
         }),
         cancel.clone(),
     );
@@ -238,6 +259,7 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
         Arc::new(StoreCommitter {
             store: store.clone(),
             metrics: metrics.clone(),
+            streams,
         }),
         metrics.clone(),
         accepting.clone(),
