@@ -102,6 +102,27 @@ struct OutBatch {
     spool_ref: Option<Arc<EntryId>>,
 }
 
+impl OutBatch {
+    /// The wire frame of this batch (the same bytes on every attempt and in the spool).
+    fn encode(
+        &self,
+        collector: &str,
+        ring_version: u64,
+        zstd_level: i32,
+    ) -> std::io::Result<Bytes> {
+        let header = BatchHeader {
+            collector: collector.to_string(),
+            batch_id: self.id,
+            records: self.records,
+            raw_len: 0,
+            ring_version,
+        };
+        let mut out = Vec::new();
+        wire::encode_batch_reusing(&header, &self.chunks, zstd_level, &mut out)?;
+        Ok(Bytes::from(out))
+    }
+}
+
 struct Attempt {
     batch: OutBatch,
     target: String,
@@ -136,7 +157,6 @@ pub struct Sender {
     unacked_bytes: u64,
     unacked_records: u64,
     delivered: u64,
-    scratch: Vec<u8>,
     spool: Option<Spool>,
     /// Spilled batches on disk, not in memory: (entry, records, bytes), oldest first.
     spooled: VecDeque<(EntryId, u64, u64)>,
@@ -174,7 +194,6 @@ impl Sender {
             unacked_bytes: 0,
             unacked_records: 0,
             delivered: 0,
-            scratch: Vec::new(),
             spool: None,
             spooled: VecDeque::new(),
             mem_bytes: 0,
@@ -379,25 +398,6 @@ impl Sender {
         on_disk
     }
 
-    fn encode(&mut self, b: &OutBatch) -> std::io::Result<Bytes> {
-        let header = BatchHeader {
-            collector: self.cfg.collector_id.clone(),
-            batch_id: b.id,
-            records: b.records,
-            raw_len: 0,
-            ring_version: self.ring.version(),
-        };
-        let mut out = Vec::new();
-        wire::encode_batch(
-            &header,
-            &b.chunks,
-            self.cfg.zstd_level,
-            &mut self.scratch,
-            &mut out,
-        )?;
-        Ok(Bytes::from(out))
-    }
-
     /// Write a batch to the spool and forget it in memory (its Delivery handles are released:
     /// the records are durable here). Hands the batch back if there is no spool, or it is full.
     fn spill(&mut self, b: OutBatch) -> Result<(), Box<OutBatch>> {
@@ -406,7 +406,11 @@ impl Sender {
         }
         let frame = match &b.frame {
             Some(f) => f.clone(),
-            None => match self.encode(&b) {
+            None => match b.encode(
+                &self.cfg.collector_id,
+                self.ring.version(),
+                self.cfg.zstd_level,
+            ) {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot encode a batch for the spool");
@@ -811,18 +815,7 @@ impl Sender {
             let started = Instant::now();
             let frame = match &batch.frame {
                 Some(f) => Ok(f.clone()),
-                None => {
-                    let header = BatchHeader {
-                        collector,
-                        batch_id: batch.id,
-                        records: batch.records,
-                        raw_len: 0,
-                        ring_version,
-                    };
-                    let mut out = Vec::new();
-                    wire::encode_batch_reusing(&header, &batch.chunks, level, &mut out)
-                        .map(|_| Bytes::from(out))
-                }
+                None => batch.encode(&collector, ring_version, level),
             };
             let result = match frame {
                 Err(e) => Err(LinkError::Io {
@@ -989,18 +982,15 @@ impl Sender {
                 if b.frame.is_some() {
                     self.metrics.batches_retried.inc();
                 }
-                self.reroute_fresh(b, now);
+                let mut b = b;
+                b.tried.clear();
+                self.reroute(b, now);
             } else {
                 keep.push_back((t, b));
             }
         }
         self.parked.extend(keep);
         self.launch_ready();
-    }
-
-    fn reroute_fresh(&mut self, mut b: OutBatch, now: Instant) {
-        b.tried.clear();
-        self.reroute(b, now);
     }
 }
 
