@@ -415,11 +415,6 @@ pub fn render(st: &NodeStatus, color: bool) -> String {
     render_mesh(&mesh(&loaded, crate::unix_millis()), 120, color)
 }
 
-/// Healthy = at least one routable aggregator and nobody down.
-pub fn healthy(st: &NodeStatus) -> bool {
-    MeshStatus::build(&view_of(st), "", None, crate::unix_millis()).healthy
-}
-
 fn show(a: &StatusArgs, tty: bool) -> anyhow::Result<bool> {
     let loaded = load(&a.source)?;
     let s = mesh(&loaded, crate::unix_millis());
