@@ -364,24 +364,44 @@ fn check_exists(path: &Path, what: &'static str) -> Result<(), TransportError> {
     }
 }
 
+/// Why a PEM certificate file cannot be used; callers wrap it in their own error, naming
+/// the file and the setting to fix.
+pub(crate) enum PemError {
+    Missing,
+    Bad(String),
+}
+
+/// Every CERTIFICATE block of a PEM file (at least one).
+pub(crate) fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    if !path.exists() {
+        return Err(PemError::Missing);
+    }
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| PemError::Bad(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PemError::Bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(PemError::Bad("no PEM CERTIFICATE block found".into()));
+    }
+    Ok(certs)
+}
+
 fn read_pem_certs(
     path: &Path,
     what: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, TransportError> {
     check_exists(path, what)?;
-    let bad = |detail: String| TransportError::BadFile {
-        path: path.to_path_buf(),
-        what,
-        detail,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad("no PEM CERTIFICATE block found".into()));
-    }
-    Ok(certs)
+    pem_certs(path).map_err(|e| match e {
+        PemError::Missing => TransportError::MissingFile {
+            path: path.to_path_buf(),
+            what,
+        },
+        PemError::Bad(detail) => TransportError::BadFile {
+            path: path.to_path_buf(),
+            what,
+            detail,
+        },
+    })
 }
 
 /// Human wording for certificate verification failures.

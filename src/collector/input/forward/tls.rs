@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
-use crate::transport::tls::provider;
+use crate::transport::tls::{pem_certs, provider, PemError};
 
 /// The PEM files of the forward input's TLS listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,20 +88,19 @@ fn read_certs(
     what: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, ForwardTlsError> {
     check_exists(path, key, what)?;
-    let bad = |detail: String| ForwardTlsError::Bad {
-        key,
-        path: path.to_owned(),
-        what,
-        detail,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad("no CERTIFICATE block found".into()));
-    }
-    Ok(certs)
+    pem_certs(path).map_err(|e| match e {
+        PemError::Missing => ForwardTlsError::Missing {
+            key,
+            path: path.to_owned(),
+            what,
+        },
+        PemError::Bad(detail) => ForwardTlsError::Bad {
+            key,
+            path: path.to_owned(),
+            what,
+            detail,
+        },
+    })
 }
 
 /// Reads and checks the files; returns the server configuration to accept with.
