@@ -24,6 +24,11 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    pub sink: String,
+}
+
 /// All metrics of one node; shared as `Arc<Metrics>`.
 pub struct Metrics {
     registry: Registry,
@@ -45,6 +50,8 @@ pub struct Metrics {
     pub gossip_dropped: Family<ReasonLabel, Counter>,
     pub batch_latency: Histogram,
     pub backpressure: Gauge,
+    pub records_dropped: Family<ReasonLabel, Counter>,
+    pub dead_letter_records: Family<SinkLabel, Counter>,
     /// Sum of `errors` over all kinds (not exported; for the stats summary).
     pub errors_total: Counter,
 }
@@ -77,6 +84,8 @@ impl Metrics {
             gossip_dropped: Family::default(),
             batch_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backpressure: Gauge::default(),
+            records_dropped: Family::default(),
+            dead_letter_records: Family::default(),
             errors_total: Counter::default(),
             registry: Registry::default(),
         };
@@ -171,6 +180,16 @@ impl Metrics {
             "1 while inputs are paused because the pipeline is full",
             m.backpressure.clone(),
         );
+        r.register(
+            "records_dropped",
+            "Records dropped under a configured policy, by reason (spool_overflow, ...)",
+            m.records_dropped.clone(),
+        );
+        r.register(
+            "sink_dead_letter_records",
+            "Records a sink rejected permanently, written to its dead-letter file",
+            m.dead_letter_records.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -181,6 +200,26 @@ impl Metrics {
             })
             .inc();
         self.errors_total.inc();
+    }
+
+    /// `n` records were dropped for `reason` (a policy the user chose).
+    pub fn records_dropped(&self, reason: &str, n: u64) {
+        self.records_dropped
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// Bring `sink`'s dead-letter counter up to `total` (from the store's stats).
+    pub fn set_dead_letter(&self, sink: &str, total: u64) {
+        let c = self.dead_letter_records.get_or_create(&SinkLabel {
+            sink: sink.to_string(),
+        });
+        let cur = c.get();
+        if total > cur {
+            c.inc_by(total - cur);
+        }
     }
 
     /// Bring the gossip drop counters up to `g`'s totals (called at scrape time).

@@ -205,6 +205,19 @@ impl Aggregator {
 /// 100 ms, with stream key `app/{svc}`. Returns when all `total` are written and the
 /// collector exited 0 (every record acknowledged by the aggregator).
 fn run_collector(dir: &Path, quic: u16, total: u64, per_tick: u64, timeout: Duration) {
+    run_collector_poisoned(dir, quic, total, per_tick, timeout, None)
+}
+
+/// [`run_collector`], where record `poison` (if any) carries a lone UTF-16 surrogate escape
+/// (`\ud800`): valid JSON text that PostgreSQL's jsonb refuses.
+fn run_collector_poisoned(
+    dir: &Path,
+    quic: u16,
+    total: u64,
+    per_tick: u64,
+    timeout: Duration,
+    poison: Option<u64>,
+) {
     let log = std::fs::File::create(dir.join("collector.log")).unwrap();
     let mut p = Proc::spawn(
         "collector",
@@ -232,8 +245,9 @@ fn run_collector(dir: &Path, quic: u16, total: u64, per_tick: u64, timeout: Dura
     while n < total {
         buf.clear();
         for _ in 0..per_tick.min(total - n) {
+            let bad = if poison == Some(n) { "\\ud800 " } else { "" };
             buf.push_str(&format!(
-                "{{\"n\":{n},\"svc\":\"s{}\",\"msg\":\"record number {n} with a tab\\t and a backslash \\\\ in it\"}}\n",
+                "{{\"n\":{n},\"svc\":\"s{}\",\"msg\":\"{bad}record number {n} with a tab\\t and a backslash \\\\ in it\"}}\n",
                 n % 3
             ));
             n += 1;
@@ -920,4 +934,98 @@ timeout = "5s"
         "one transaction per batch with its position: no duplicates"
     );
     eprintln!("[harness] postgres test took {:?}", started.elapsed());
+}
+
+#[test]
+fn postgres_poison_record_goes_to_the_dead_letter_file_and_the_rest_flows() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(tmp.path());
+    let agg = start_aggregator(
+        tmp.path(),
+        &format!(
+            r#"
+[[sink]]
+type = "postgres"
+name = "pg"
+dsn = "{}"
+table = "public.app_logs"
+timeout = "5s"
+"#,
+            pg.dsn()
+        ),
+    );
+    let (total, poison) = (3_000u64, 1_234u64);
+    run_collector_poisoned(
+        tmp.path(),
+        agg.quic,
+        total,
+        500,
+        Duration::from_secs(40),
+        Some(poison),
+    );
+    let s = agg.wait_caught_up("pg", Duration::from_secs(40));
+    assert_eq!(s["dead_letter_records"], 1, "{s}");
+    let file = tmp.path().join("agg/store/dead-letter/pg.ndjson");
+    assert_eq!(s["dead_letter_file"], file.to_str().unwrap(), "{s}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let dead: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 1, "{text}");
+    let rec = dead[0]["record"].as_str().unwrap();
+    assert!(
+        rec.contains(&format!("\"n\":{poison},")) && rec.contains("\\ud800"),
+        "{rec}"
+    );
+    assert!(
+        dead[0]["error"].as_str().unwrap().contains("postgres"),
+        "{text}"
+    );
+    let metrics = ureq::get(&format!("http://127.0.0.1:{}/metrics", agg.admin))
+        .timeout(Duration::from_secs(5))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("logmesh_sink_dead_letter_records_total{sink=\"pg\"} 1")),
+        "{metrics}"
+    );
+
+    let dsn = pg.dsn();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen = rt.block_on(async move {
+        let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let rows = client
+            .query("SELECT record::text FROM public.app_logs", &[])
+            .await
+            .unwrap();
+        let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+        for r in rows {
+            *seen
+                .entry(record_n(r.get::<_, &str>(0).as_bytes()))
+                .or_default() += 1;
+        }
+        seen
+    });
+    assert!(!seen.contains_key(&poison));
+    let missing: Vec<u64> = (0..total)
+        .filter(|n| *n != poison && !seen.contains_key(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost besides the poison record: {missing:?}"
+    );
+    let dups: u64 = seen.values().map(|c| u64::from(*c - 1)).sum();
+    eprintln!(
+        "[harness] postgres poison test: {} rows, {dups} duplicates",
+        seen.len()
+    );
 }

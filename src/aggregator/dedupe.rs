@@ -64,6 +64,21 @@ impl DedupeWindow {
         true
     }
 
+    /// Forget a batch id (its commit failed and was rolled back: a retry must be written).
+    pub fn remove(&mut self, collector: &str, batch_id: u64) -> bool {
+        let Some(p) = self.per.get_mut(collector) else {
+            return false;
+        };
+        if !p.ids.remove(&batch_id) {
+            return false;
+        }
+        if let Some(i) = p.order.iter().rposition(|id| *id == batch_id) {
+            p.order.remove(i);
+        }
+        self.len -= 1;
+        true
+    }
+
     /// Ids remembered over all collectors.
     pub fn len(&self) -> usize {
         self.len

@@ -60,6 +60,9 @@ pub(crate) struct SinkSlot {
     pub delivered_records: AtomicU64,
     pub failures: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Records the destination rejected, moved to `dead_letter_file`.
+    pub dead_letter_records: AtomicU64,
+    pub dead_letter_file: PathBuf,
 }
 
 /// State shared by the store handle, the writer thread and the runners.
@@ -163,8 +166,15 @@ impl Runner {
         let mut pos = own.map_or(stored, |p| p.max(stored));
         if pos > committed + 1 {
             tracing::warn!(sink = %self.slot.name, position = pos, wal_end = committed + 1,
-                "sink checkpoint is beyond the end of the WAL (was the WAL removed?); delivering from the WAL end");
+                "sink checkpoint is beyond the end of the WAL (was the WAL removed?); rewinding the sink to the WAL end");
             pos = committed + 1;
+            // the sink must forget its own position too, or it skips the new records as held
+            while let Err(e) = self.sink.rewind(pos).await {
+                self.failed("rewind", &e);
+                if !backoff(&self.abort, &mut delay).await {
+                    return;
+                }
+            }
         }
         self.slot.position.store(pos, Ordering::Release);
         self.fetch_pos = pos;
@@ -283,13 +293,20 @@ impl Runner {
         Ok(())
     }
 
-    /// Deliver `pending` (retrying until it succeeds) and checkpoint. False if aborted.
+    /// Deliver `pending` (retrying until it succeeds, moving rejected records to the
+    /// dead-letter file) and checkpoint. False if aborted.
     async fn flush(&mut self) -> bool {
         let batch = Arc::new(merge(&self.pending));
         let mut delay = BACKOFF_START;
         loop {
             match self.sink.write(batch.clone()).await {
                 Ok(()) => break,
+                Err(SinkError::Rejected(reason)) => {
+                    if !self.isolate(&batch, reason).await {
+                        return false;
+                    }
+                    break;
+                }
                 Err(e) => {
                     self.failed("write", &e);
                     if !backoff(&self.abort, &mut delay).await {
@@ -332,6 +349,188 @@ impl Runner {
         }
         true
     }
+}
+
+impl Runner {
+    /// The sink rejected `batch`: write it in halves, splitting every rejected piece again
+    /// down to single records, which go to the dead-letter file (durably, before the caller
+    /// checkpoints past them). Transient failures of a piece are retried with backoff. False
+    /// if aborted.
+    async fn isolate(&mut self, batch: &SinkBatch, reason: String) -> bool {
+        tracing::warn!(sink = %self.slot.name, records = batch.records, %reason,
+            "the destination rejected a batch; splitting it to find the records it refuses");
+        let mut stack = Vec::new();
+        let mut dead = Vec::new();
+        let whole = SinkBatch {
+            partial: true,
+            ..batch.clone()
+        };
+        split_or_bury(whole, &reason, &mut stack, &mut dead);
+        while let Some(piece) = stack.pop() {
+            let piece = Arc::new(piece);
+            let mut delay = BACKOFF_START;
+            loop {
+                match self.sink.write(piece.clone()).await {
+                    Ok(()) => break,
+                    Err(SinkError::Rejected(r)) => {
+                        split_or_bury((*piece).clone(), &r, &mut stack, &mut dead);
+                        break;
+                    }
+                    Err(e) => {
+                        self.failed("write", &e);
+                        if !backoff(&self.abort, &mut delay).await {
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+        if dead.is_empty() {
+            return true;
+        }
+        let mut text = Vec::new();
+        for d in &dead {
+            let line = serde_json::json!({
+                "sink": self.slot.name,
+                "stream": d.stream,
+                "first_seq": batch.first_seq,
+                "last_seq": batch.last_seq,
+                "error": d.reason,
+                "record": String::from_utf8_lossy(&d.record),
+            });
+            text.extend_from_slice(line.to_string().as_bytes());
+            text.push(b'\n');
+        }
+        let text = Arc::new(text);
+        let mut delay = BACKOFF_START;
+        loop {
+            let (path, text) = (self.slot.dead_letter_file.clone(), text.clone());
+            let r = tokio::task::spawn_blocking(move || append_durably(&path, &text))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            match r {
+                Ok(()) => break,
+                Err(e) => {
+                    self.failed("writing the dead-letter file", &SinkError::from(e));
+                    if !backoff(&self.abort, &mut delay).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        self.slot
+            .dead_letter_records
+            .fetch_add(dead.len() as u64, Ordering::Relaxed);
+        tracing::error!(sink = %self.slot.name, records = dead.len(), file = %self.slot.dead_letter_file.display(),
+            "records rejected by the destination were moved to the dead-letter file; the rest was delivered");
+        if let Ok(mut l) = self.slot.last_error.lock() {
+            *l = Some(format!(
+                "{} records rejected ({reason}); see {}",
+                dead.len(),
+                self.slot.dead_letter_file.display()
+            ));
+        }
+        true
+    }
+}
+
+/// One record a destination refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeadLetter {
+    pub stream: String,
+    /// The NDJSON line, without its newline.
+    pub record: Vec<u8>,
+    pub reason: String,
+}
+
+/// A rejected piece: split it in two onto `stack` (left half on top), or, if it is a single
+/// record, add it to `dead`.
+pub(crate) fn split_or_bury(
+    piece: SinkBatch,
+    reason: &str,
+    stack: &mut Vec<SinkBatch>,
+    dead: &mut Vec<DeadLetter>,
+) {
+    if piece.records > 1 {
+        let (left, right) = split_records(&piece, piece.records / 2);
+        stack.push(right);
+        stack.push(left);
+        return;
+    }
+    for s in piece.streams {
+        for line in s.data.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            dead.push(DeadLetter {
+                stream: s.key.clone(),
+                record: line.to_vec(),
+                reason: reason.to_string(),
+            });
+        }
+    }
+}
+
+/// Split `b` after its first `at` records (NDJSON lines, in stream order). Both pieces keep
+/// `b`'s sequences and are marked `partial`.
+pub(crate) fn split_records(b: &SinkBatch, at: u64) -> (SinkBatch, SinkBatch) {
+    let piece = || SinkBatch {
+        first_seq: b.first_seq,
+        last_seq: b.last_seq,
+        records: 0,
+        streams: Vec::new(),
+        partial: true,
+    };
+    let (mut left, mut right) = (piece(), piece());
+    let mut seen = 0u64;
+    for s in &b.streams {
+        let take = at.saturating_sub(seen).min(s.count);
+        seen += s.count;
+        let cut = if take == 0 {
+            0
+        } else {
+            s.data
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c == b'\n')
+                .nth(take as usize - 1)
+                .map_or(s.data.len(), |(i, _)| i + 1)
+        };
+        for (half, data, count) in [
+            (&mut left, &s.data[..cut], take),
+            (&mut right, &s.data[cut..], s.count - take),
+        ] {
+            if count > 0 {
+                half.records += count;
+                half.streams.push(SinkStream {
+                    key: s.key.clone(),
+                    count,
+                    data: data.to_vec(),
+                });
+            }
+        }
+    }
+    (left, right)
+}
+
+/// Append `bytes` to `path` (created 0600 with its directory) and fsync it.
+fn append_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent();
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d)?;
+    }
+    let existed = path.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    if let (false, Some(d)) = (existed, dir) {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Sleep for the backoff delay (doubling it); false if the store aborted meanwhile.
@@ -387,4 +586,95 @@ pub(crate) fn merge(batches: &[Arc<Committed>]) -> SinkBatch {
         }
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn batch(streams: &[(&str, u64)]) -> SinkBatch {
+        let mut b = SinkBatch {
+            first_seq: 3,
+            last_seq: 9,
+            ..Default::default()
+        };
+        for (key, n) in streams {
+            let mut data = Vec::new();
+            for i in 0..*n {
+                data.extend_from_slice(format!("{{\"k\":\"{key}\",\"i\":{i}}}\n").as_bytes());
+            }
+            b.records += n;
+            b.streams.push(SinkStream {
+                key: key.to_string(),
+                count: *n,
+                data,
+            });
+        }
+        b
+    }
+
+    fn lines(b: &SinkBatch) -> Vec<(String, String)> {
+        b.streams
+            .iter()
+            .flat_map(|s| {
+                let text = String::from_utf8(s.data.clone()).unwrap();
+                assert_eq!(text.lines().count() as u64, s.count);
+                text.lines()
+                    .map(|l| (s.key.clone(), l.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bisecting_buries_exactly_the_rejected_records() {
+        let b = batch(&[("a", 5), ("b", 1), ("c", 4)]);
+        let bad = |l: &(String, String)| l.1.contains("\"i\":3") || l.0 == "b";
+        let mut stack = Vec::new();
+        let mut dead = Vec::new();
+        let mut written = Vec::new();
+        split_or_bury(b.clone(), "x", &mut stack, &mut dead);
+        while let Some(p) = stack.pop() {
+            assert!(p.partial && p.first_seq == 3 && p.last_seq == 9);
+            if lines(&p).iter().any(bad) {
+                split_or_bury(p, "x", &mut stack, &mut dead);
+            } else {
+                written.extend(lines(&p));
+            }
+        }
+        let all = lines(&b);
+        let want: Vec<_> = all.iter().filter(|l| !bad(l)).cloned().collect();
+        assert_eq!(written, want, "the good records, in order");
+        let buried: Vec<(String, String)> = dead
+            .iter()
+            .map(|d| {
+                (
+                    d.stream.clone(),
+                    String::from_utf8(d.record.clone()).unwrap(),
+                )
+            })
+            .collect();
+        let want: Vec<_> = all.iter().filter(|l| bad(l)).cloned().collect();
+        assert_eq!(buried, want);
+    }
+
+    proptest! {
+        #[test]
+        fn prop_split_keeps_every_record_in_order(
+            counts in proptest::collection::vec(1u64..6, 1..5),
+            at in 0u64..30,
+        ) {
+            let keys: Vec<String> = (0..counts.len()).map(|i| format!("s{i}")).collect();
+            let spec: Vec<(&str, u64)> = keys.iter().map(|k| k.as_str()).zip(counts.iter().copied()).collect();
+            let b = batch(&spec);
+            let (l, r) = split_records(&b, at);
+            prop_assert_eq!(l.records, at.min(b.records));
+            prop_assert_eq!(l.records + r.records, b.records);
+            let mut joined = lines(&l);
+            joined.extend(lines(&r));
+            prop_assert_eq!(joined, lines(&b));
+        }
+    }
 }

@@ -8,7 +8,8 @@
 //! once every sink's checkpoint is past them, after making the dedupe side file durable.
 //!
 //! Layout of `<data_dir>`: `wal/*.wal` (see [`super::wal`]), `dedupe.ids` (ids of committed
-//! batches, see [`super::dedupe`]), `sinks/<name>.ckpt` (first sequence a sink does not have).
+//! batches, see [`super::dedupe`]), `sinks/<name>.ckpt` (first sequence a sink does not have),
+//! `dead-letter/<name>.ndjson` (records a sink's destination rejected).
 //! This module does not decode frames nor talk to collectors: the QUIC server calls `commit`.
 
 use std::collections::VecDeque;
@@ -119,6 +120,9 @@ pub struct SinkStats {
     /// Failed attempts (open, write, checkpoint) so far.
     pub failures: u64,
     pub last_error: Option<String>,
+    /// Records the destination rejected permanently, moved to `dead_letter_file`.
+    pub dead_letter_records: u64,
+    pub dead_letter_file: PathBuf,
 }
 
 /// Store figures for metrics and status.
@@ -153,6 +157,9 @@ pub(crate) enum Cmd {
     /// Exit at once (tests: simulate a crash).
     #[cfg(test)]
     Crash,
+    /// Tests: the next group commit's write stops half-way with ENOSPC.
+    #[cfg(test)]
+    FailNextCommit,
 }
 
 pub(crate) struct CommitReq {
@@ -297,6 +304,7 @@ impl Store {
                 Arc::new(SinkSlot {
                     name: n.clone(),
                     position: AtomicU64::new(*p),
+                    dead_letter_file: cfg.data_dir.join("dead-letter").join(format!("{n}.ndjson")),
                     ..Default::default()
                 })
             })
@@ -331,6 +339,9 @@ impl Store {
             accounting: rec.accounting,
             shared: shared.clone(),
             poisoned: None,
+            group_error: None,
+            #[cfg(test)]
+            fail_next_commit: false,
         };
         writer.ids_entries = writer.dedupe.len();
         writer.gc();
@@ -434,6 +445,8 @@ impl Store {
                         delivered_records: r(&s.delivered_records),
                         failures: r(&s.failures),
                         last_error: s.last_error.lock().ok().and_then(|e| e.clone()),
+                        dead_letter_records: r(&s.dead_letter_records),
+                        dead_letter_file: s.dead_letter_file.clone(),
                     }
                 })
                 .collect(),
@@ -491,6 +504,12 @@ impl Store {
         Ok(stats)
     }
 
+    /// Test helper: make the next group commit fail half-way through its write.
+    #[cfg(test)]
+    pub(crate) async fn fail_next_commit(&self) {
+        let _ = self.inner.tx.send(Cmd::FailNextCommit).await;
+    }
+
     /// Test helper: stop everything at once without flushing (as after kill -9; a blocking
     /// sink write already running still completes).
     #[cfg(test)]
@@ -521,6 +540,10 @@ struct Writer {
     accounting: VecDeque<(u64, u64)>,
     shared: Arc<Shared>,
     poisoned: Option<String>,
+    /// Why the current group failed (rolled back; the store goes on).
+    group_error: Option<String>,
+    #[cfg(test)]
+    fail_next_commit: bool,
 }
 
 enum Slot {
@@ -547,6 +570,8 @@ impl Writer {
                     Cmd::Stop(s) => stop = Some(s),
                     #[cfg(test)]
                     Cmd::Crash => return,
+                    #[cfg(test)]
+                    Cmd::FailNextCommit => self.fail_next_commit = true,
                 }
                 if stop.is_none() && bytes < MAX_GROUP_BYTES {
                     next = rx.try_recv().ok();
@@ -572,6 +597,26 @@ impl Writer {
         self.poisoned = Some(msg);
     }
 
+    /// A group's append or commit failed: cut the WAL back to the last commit and forget the
+    /// group's batch ids (a retry, even after a restart, must be written, not acknowledged as a
+    /// duplicate). Only if the cut fails is the store poisoned.
+    fn roll_back_group(&mut self, group: &[CommitReq], slots: &[Slot], msg: String) {
+        for (req, slot) in group.iter().zip(slots) {
+            if matches!(slot, Slot::Appended(_)) {
+                let h = &req.batch.header;
+                self.dedupe.remove(&h.collector, h.batch_id);
+            }
+        }
+        self.ids_buf.clear();
+        match self.wal.rollback() {
+            Ok(()) => {
+                tracing::error!(error = %msg, "WAL group commit failed; rolled it back, the collectors retry");
+                self.group_error = Some(msg);
+            }
+            Err(e) => self.poison(format!("{msg}; then rolling it back failed: {e}")),
+        }
+    }
+
     fn commit_group(&mut self, group: &mut Vec<CommitReq>) {
         if group.is_empty() {
             return;
@@ -580,10 +625,12 @@ impl Writer {
         let now = crate::unix_millis();
         let mut slots = Vec::with_capacity(group.len());
         let mut appended: Vec<(u64, u64)> = Vec::new();
+        let mut failed: Option<String> = None;
+        self.group_error = None;
         for req in group.iter() {
             sh.queued_bytes.fetch_sub(req.size, Ordering::Relaxed);
             let h = &req.batch.header;
-            let slot = if let Some(msg) = &self.poisoned {
+            let slot = if let Some(msg) = self.poisoned.as_ref().or(failed.as_ref()) {
                 Slot::Done(Err(StoreError::Failed(msg.clone())))
             } else if self.dedupe.contains(&h.collector, h.batch_id) {
                 Slot::Done(Ok(CommitOutcome::Duplicate))
@@ -599,20 +646,30 @@ impl Writer {
                         Slot::Done(Err(StoreError::Invalid(e.to_string())))
                     }
                     Err(e) => {
-                        self.poison(e.to_string());
+                        failed.get_or_insert(e.to_string());
                         Slot::Done(Err(StoreError::Failed(e.to_string())))
                     }
                 }
             };
             slots.push(slot);
         }
-        let mut ok = self.poisoned.is_none();
-        if !appended.is_empty() && ok {
-            if let Err(e) = self.wal.commit() {
-                self.poison(e.to_string());
-                ok = false;
+        if failed.is_none() && !appended.is_empty() && self.poisoned.is_none() {
+            #[cfg(test)]
+            let res = if std::mem::take(&mut self.fail_next_commit) {
+                self.wal.commit_torn(40)
+            } else {
+                self.wal.commit()
+            };
+            #[cfg(not(test))]
+            let res = self.wal.commit();
+            if let Err(e) = res {
+                failed = Some(e.to_string());
             }
         }
+        if let Some(msg) = failed {
+            self.roll_back_group(group, &slots, msg);
+        }
+        let ok = self.poisoned.is_none() && self.group_error.is_none();
         sh.fsyncs.store(self.wal.fsyncs(), Ordering::Relaxed);
         if let Ok(mut s) = sh.segments.lock() {
             *s = self.wal.segment_firsts();
@@ -649,7 +706,10 @@ impl Writer {
                         Ok(CommitOutcome::Committed)
                     }
                     Slot::Appended(_) => Err(StoreError::Failed(
-                        self.poisoned.clone().unwrap_or_default(),
+                        self.poisoned
+                            .clone()
+                            .or_else(|| self.group_error.clone())
+                            .unwrap_or_default(),
                     )),
                     Slot::Done(r) => r,
                 };

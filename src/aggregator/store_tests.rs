@@ -3,7 +3,7 @@
 use super::*;
 use crate::aggregator::sink::{FileSink, SinkBatch, SinkError, SinkFuture};
 use crate::wire::{self, BatchHeader, StreamChunk};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Instant;
 
 fn batch(collector: &str, id: u64, lines: usize) -> DecodedBatch {
@@ -232,6 +232,44 @@ async fn duplicate_is_acknowledged_but_written_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_commit_is_rolled_back_and_its_retry_committed_not_deduped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let data = tmp.path().join("data");
+    let store = Store::open(cfg(&data), vec![Box::new(FileSink::new(&out).unwrap())])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.commit(batch("c", 1, 3)).await.unwrap(),
+        CommitOutcome::Committed
+    );
+    store.fail_next_commit().await;
+    assert!(matches!(
+        store.commit(batch("c", 2, 3)).await,
+        Err(StoreError::Failed(_))
+    ));
+    // the store goes on (not poisoned) and the retry is written
+    assert_eq!(
+        store.commit(batch("c", 2, 3)).await.unwrap(),
+        CommitOutcome::Committed
+    );
+    store.fail_next_commit().await;
+    assert!(store.commit(batch("c", 3, 3)).await.is_err());
+    store.kill().await;
+    // after a restart too, the failed batch's retry is committed, not acknowledged as a duplicate
+    let store = Store::open(cfg(&data), vec![Box::new(FileSink::new(&out).unwrap())])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.commit(batch("c", 3, 3)).await.unwrap(),
+        CommitOutcome::Committed
+    );
+    let st = store.shutdown(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(st.duplicates, 0);
+    assert_eq!(file_lines(&out), expected_lines("c", 1..4, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_redelivers_unchecked_records_exactly_once_into_file_sink() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
@@ -269,6 +307,111 @@ async fn restart_redelivers_unchecked_records_exactly_once_into_file_sink() {
     let st = store.shutdown(Duration::from_secs(20)).await.unwrap();
     assert_eq!(st.sinks[0].position, 12);
     assert_eq!(file_lines(&out), expected_lines("c", 0..11, 4));
+}
+
+/// Rejects (permanently) every write holding a line that contains `poison`, after failing
+/// the first `transient` writes with a retryable error.
+struct PickySink {
+    inner: MemSink,
+    poison: String,
+    transient: Arc<AtomicU64>,
+}
+
+impl Sink for PickySink {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn write(&mut self, batch: Arc<SinkBatch>) -> SinkFuture<'_, ()> {
+        if self.transient.load(Ordering::SeqCst) > 0 {
+            self.transient.fetch_sub(1, Ordering::SeqCst);
+            return Box::pin(std::future::ready(Err(SinkError::Other("flaky".into()))));
+        }
+        let bad = batch
+            .streams
+            .iter()
+            .any(|s| String::from_utf8_lossy(&s.data).contains(&self.poison));
+        if bad {
+            return Box::pin(std::future::ready(Err(SinkError::Rejected(
+                "bad record".into(),
+            ))));
+        }
+        self.inner.write(batch)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_records_go_to_the_dead_letter_file_and_the_rest_flows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mem = MemSink::new("picky");
+    let poison = r#""b":2,"s":1,"i":1}"#;
+    let sink = PickySink {
+        inner: mem.clone(),
+        poison: poison.into(),
+        transient: Arc::new(AtomicU64::new(2)),
+    };
+    let store = Store::open(cfg(&data), vec![Box::new(sink)]).await.unwrap();
+    for id in 0..6 {
+        store.commit(batch("c", id, 3)).await.unwrap();
+    }
+    let st = store.shutdown(Duration::from_secs(20)).await.unwrap();
+    let mut got: Vec<String> = mem
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| l.1.clone())
+        .collect();
+    got.sort();
+    let mut want = expected_lines("c", 0..6, 3);
+    want.retain(|l| !l.contains(poison));
+    assert_eq!(
+        got, want,
+        "everything but the poison record is delivered, once"
+    );
+    assert_eq!(st.sinks[0].dead_letter_records, 1);
+    let path = data.join("dead-letter").join("picky.ndjson");
+    assert_eq!(st.sinks[0].dead_letter_file, path);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0]["record"].as_str().unwrap().contains(poison));
+    assert_eq!(lines[0]["stream"], "ns/app1");
+    assert_eq!(lines[0]["error"], "bad record");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(st.sinks[0].position, 7, "checkpointed past the dead letter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_reset_rewinds_the_file_sink_so_new_records_are_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let data = tmp.path().join("data");
+    let store = Store::open(cfg(&data), vec![Box::new(FileSink::new(&out).unwrap())])
+        .await
+        .unwrap();
+    for id in 0..5 {
+        store.commit(batch("c", id, 2)).await.unwrap();
+    }
+    store.shutdown(Duration::from_secs(20)).await.unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    let store = Store::open(cfg(&data), vec![Box::new(FileSink::new(&out).unwrap())])
+        .await
+        .unwrap();
+    for id in 10..13 {
+        store.commit(batch("c", id, 2)).await.unwrap();
+    }
+    let st = store.shutdown(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(st.sinks[0].position, 4);
+    let mut want = expected_lines("c", 0..5, 2);
+    want.extend(expected_lines("c", 10..13, 2));
+    want.sort();
+    assert_eq!(file_lines(&out), want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

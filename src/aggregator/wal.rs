@@ -345,6 +345,9 @@ pub struct Wal {
     next_seq: u64,
     pending: Vec<u8>,
     fsyncs: u64,
+    /// State after the last successful commit: (first sequence of the active segment, its
+    /// length, next sequence). `rollback` returns to it.
+    committed: (u64, u64, u64),
 }
 
 impl Wal {
@@ -426,6 +429,7 @@ impl Wal {
             .open(active_path)
             .map_err(io_err(active_path))?;
         let active_len = active.metadata().map_err(io_err(active_path))?.len();
+        let active_first = segments[segments.len() - 1].first_seq;
         Ok((
             Wal {
                 dir: dir.to_path_buf(),
@@ -437,6 +441,7 @@ impl Wal {
                 next_seq,
                 pending: Vec::new(),
                 fsyncs: 0,
+                committed: (active_first, active_len, next_seq),
             },
             recovered,
             report,
@@ -482,7 +487,64 @@ impl Wal {
             return Ok(());
         }
         self.write_pending()?;
-        self.sync_active()
+        self.sync_active()?;
+        self.mark_committed();
+        Ok(())
+    }
+
+    /// Test fault injection: a commit whose write stops after `n` bytes with ENOSPC.
+    #[cfg(test)]
+    pub(crate) fn commit_torn(&mut self, n: usize) -> Result<(), WalError> {
+        let n = n.min(self.pending.len());
+        let path = self.active_path().to_path_buf();
+        self.active
+            .write_all(&self.pending[..n])
+            .map_err(io_err(&path))?;
+        Err(io_err(&path)(std::io::Error::from_raw_os_error(28)))
+    }
+
+    fn mark_committed(&mut self) {
+        let first = self.segments[self.segments.len() - 1].first_seq;
+        self.committed = (first, self.active_len, self.next_seq);
+    }
+
+    /// Undo everything since the last successful `commit` (after a failed append or commit):
+    /// queued records are forgotten, segments started since are deleted and the active
+    /// segment is cut back to its committed length, so nothing half-written stays in front of
+    /// the next append and sequences are handed out again. An error here means the log's
+    /// tail is unknown: the caller must stop writing.
+    pub fn rollback(&mut self) -> Result<(), WalError> {
+        self.pending.clear();
+        let (first, len, seq) = self.committed;
+        let mut reopen = false;
+        while self.segments.len() > 1 && self.segments[self.segments.len() - 1].first_seq > first {
+            if let Some(seg) = self.segments.pop() {
+                match fs::remove_file(&seg.path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        let err = io_err(&seg.path)(e);
+                        self.segments.push(seg);
+                        return Err(err);
+                    }
+                }
+                reopen = true;
+            }
+        }
+        let path = self.active_path().to_path_buf();
+        if reopen {
+            self.active = OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+        }
+        self.active.set_len(len).map_err(io_err(&path))?;
+        if self.fsync {
+            self.active.sync_data().map_err(io_err(&path))?;
+        }
+        self.active_len = len;
+        self.next_seq = seq;
+        Ok(())
     }
 
     fn active_path(&self) -> &Path {
@@ -786,6 +848,59 @@ mod tests {
         let r = c.read(&segs, 0, u64::MAX, usize::MAX).unwrap();
         assert!(r.at_end);
         r.batches
+    }
+
+    #[test]
+    fn rollback_cuts_a_failed_commit_at_every_offset() {
+        let probe = tempfile::tempdir().unwrap();
+        let mut w = write_n(probe.path(), 1, 1 << 20);
+        w.append(&batch("c", 1, 3), 1).unwrap();
+        let len = w.pending.len();
+        drop(w);
+        for n in 0..=len {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut wal = write_n(tmp.path(), 1, 1 << 20);
+            let (seq, _) = wal.append(&batch("c", 1, 3), 1).unwrap();
+            assert_eq!(seq, 2);
+            assert!(wal.commit_torn(n).is_err());
+            wal.rollback().unwrap();
+            assert_eq!(
+                wal.next_seq(),
+                2,
+                "the failed record's sequence is handed out again"
+            );
+            let (seq, _) = wal.append(&batch("c", 7, 2), 1).unwrap();
+            assert_eq!(seq, 2);
+            wal.commit().unwrap();
+            drop(wal);
+            let got = read_all(tmp.path());
+            let ids: Vec<(u64, u64)> = got.iter().map(|(s, b)| (*s, b.header.batch_id)).collect();
+            assert_eq!(ids, vec![(1, 0), (2, 7)], "torn at {n}");
+            let (_, rec, rep) = Wal::open(tmp.path(), 1 << 20, true).unwrap();
+            assert_eq!(rec.len(), 2);
+            assert_eq!(rep.truncated_tails + rep.skipped_ranges, 0, "torn at {n}");
+        }
+    }
+
+    #[test]
+    fn rollback_deletes_segments_started_by_the_failed_group() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut wal = write_n(tmp.path(), 2, 1);
+        let before = wal.segment_firsts();
+        wal.append(&batch("c", 2, 3), 1).unwrap(); // rolls
+        wal.append(&batch("c", 3, 3), 1).unwrap(); // rolls again
+        assert!(wal.segment_firsts().len() > before.len());
+        wal.rollback().unwrap();
+        assert_eq!(wal.segment_firsts(), before);
+        assert_eq!(wal.next_seq(), 3);
+        wal.append(&batch("c", 9, 1), 1).unwrap();
+        wal.commit().unwrap();
+        drop(wal);
+        let ids: Vec<u64> = read_all(tmp.path())
+            .iter()
+            .map(|(_, b)| b.header.batch_id)
+            .collect();
+        assert_eq!(ids, vec![0, 1, 9]);
     }
 
     #[test]

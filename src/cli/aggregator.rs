@@ -228,6 +228,8 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
                         "delivered_records": k.delivered_records,
                         "failures": k.failures,
                         "last_error": k.last_error,
+                        "dead_letter_records": k.dead_letter_records,
+                        "dead_letter_file": k.dead_letter_file,
                     })).collect::<Vec<_>>(),
                 })
             }),
@@ -286,6 +288,9 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
                         metrics.buffer_bytes.set(st.buffered_bytes as i64);
                         let out = st.sinks.iter().map(|s| s.delivered_records).min().unwrap_or(0);
                         metrics.records_out.inc_by(out.saturating_sub(reported_out));
+                        for k in &st.sinks {
+                            metrics.set_dead_letter(&k.name, k.dead_letter_records);
+                        }
                         reported_out = reported_out.max(out);
                     }
                 }

@@ -384,7 +384,9 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     let spool_dir = s.node.data_dir.join("spool");
-    let (spool, recovered) = Spool::open(&spool_dir, s.spool_max_bytes, 64 << 20)
+    // a quarter of the budget, so drop-oldest can always make room by whole segments
+    let segment_bytes = (s.spool_max_bytes / 4).clamp(64 << 10, 64 << 20);
+    let (spool, recovered) = Spool::open(&spool_dir, s.spool_max_bytes, segment_bytes)
         .with_context(|| format!("cannot open the spool in {}", spool_dir.display()))?;
     let sender = Sender::new(s.sender.clone(), link, metrics.clone(), stats)
         .with_spool(spool, recovered)

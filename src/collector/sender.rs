@@ -21,7 +21,10 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::{split_by_size, BatchPolicy, Pending};
 use crate::collector::link::{Link, LinkError};
 use crate::collector::record::{Delivery, InputBatch};
-use crate::collector::spool::{EntryId, Recovered, Spool};
+use crate::collector::spool::{EntryId, Recovered, Spool, SpoolError};
+
+/// After a failed spill, the inputs pause this long before the spool is tried again.
+const SPILL_RETRY: Duration = Duration::from_secs(1);
 use crate::metrics::Metrics;
 use crate::ring::Ring;
 use crate::wire::{self, Ack, BatchHeader, StreamChunk};
@@ -163,6 +166,8 @@ pub struct Sender {
     /// Bytes of records held in memory (the rest of `unacked_bytes` is on disk).
     mem_bytes: u64,
     dropped: u64,
+    /// The last spill failed (disk full, I/O error): the spool counts as full until then.
+    spill_retry_at: Option<Instant>,
     abort: CancellationToken,
     force: CancellationToken,
 }
@@ -198,6 +203,7 @@ impl Sender {
             spooled: VecDeque::new(),
             mem_bytes: 0,
             dropped: 0,
+            spill_retry_at: None,
             abort: CancellationToken::new(),
             force: CancellationToken::new(),
         }
@@ -354,6 +360,9 @@ impl Sender {
         if (self.mem_bytes as usize) < self.cfg.max_buffered_bytes {
             return true;
         }
+        if self.spill_retry_at.is_some_and(|t| Instant::now() < t) {
+            return false; // the disk refused the last spill: pause, then try again
+        }
         match &self.spool {
             Some(sp) => self.cfg.drop_oldest || sp.has_room(self.cfg.max_batch_bytes as u64),
             None => false,
@@ -440,12 +449,14 @@ impl Sender {
                     "spool full: dropped its oldest segment (--overflow drop-oldest)"
                 );
                 self.metrics.error("spool_overflow_dropped");
+                self.metrics.records_dropped("spool_overflow", lost);
                 self.dropped += lost;
                 self.unacked_records = self.unacked_records.saturating_sub(lost);
             }
         }
         match spool.append(&[&frame]) {
             Ok(ids) => {
+                self.spill_retry_at = None;
                 if let Some(id) = ids.first() {
                     let records = if b.primary { b.records } else { 0 };
                     self.spooled.push_back((*id, records, b.bytes));
@@ -454,7 +465,15 @@ impl Sender {
                 Ok(())
             }
             Err(e) => {
-                tracing::debug!(error = %e, "cannot spill to the spool");
+                if matches!(e, SpoolError::Io { .. }) {
+                    if self.spill_retry_at.is_none() {
+                        tracing::warn!(error = %e, "cannot spill to the spool; keeping the batch in memory and pausing the inputs for a second");
+                    }
+                    self.metrics.error("spool_write");
+                    self.spill_retry_at = Some(Instant::now() + SPILL_RETRY);
+                } else {
+                    tracing::debug!(error = %e, "cannot spill to the spool");
+                }
                 Err(Box::new(b))
             }
         }
@@ -537,10 +556,8 @@ impl Sender {
             let t = Instant::now() + Duration::from_millis(100);
             Some(parked.map_or(t, |p| p.min(t)))
         };
-        match (linger, parked) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let retry = self.spill_retry_at.filter(|t| *t > Instant::now());
+        [linger, parked, retry].into_iter().flatten().min()
     }
 
     fn apply_view(&mut self, view: &SharedView) {

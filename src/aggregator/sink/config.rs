@@ -604,6 +604,7 @@ pub fn route_batch(batch: &SinkBatch, route: &Route) -> Option<SinkBatch> {
         last_seq: batch.last_seq,
         records: 0,
         streams: Vec::new(),
+        partial: batch.partial,
     };
     for (s, p) in batch.streams.iter().zip(plan) {
         let stream = match p {

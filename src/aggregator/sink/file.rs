@@ -145,6 +145,13 @@ impl Sink for FileSink {
         self.run(move |s| s.write(&batch))
     }
 
+    fn rewind(&mut self, next_seq: u64) -> SinkFuture<'_, ()> {
+        self.run(move |s| {
+            s.next = Some(next_seq);
+            s.save()
+        })
+    }
+
     fn close(&mut self) -> SinkFuture<'_, ()> {
         self.run(|s| {
             for f in s.files.values_mut() {
@@ -326,7 +333,7 @@ impl State {
     fn write(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
         // Undo what a failed earlier attempt may have appended.
         self.undo_pending()?;
-        if self.next.is_some_and(|n| batch.last_seq < n) {
+        if !batch.partial && self.next.is_some_and(|n| batch.last_seq < n) {
             return Ok(()); // already held (replay after restart)
         }
         let names: Vec<String> = batch
@@ -414,6 +421,7 @@ mod tests {
                     data: d.as_bytes().to_vec(),
                 })
                 .collect(),
+            partial: false,
         })
     }
 

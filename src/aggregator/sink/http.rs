@@ -84,6 +84,12 @@ fn other(msg: String) -> SinkError {
     SinkError::Other(msg)
 }
 
+/// Does this HTTP status refuse the records themselves (so retrying them cannot help)? Client
+/// errors do, except those about credentials, the URL or load: 401, 403, 404, 408, 429.
+pub fn rejects_records(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 401 | 403 | 404 | 408 | 429)
+}
+
 impl HttpSink {
     /// Check the settings and build the client (no connection is made yet).
     pub fn new(cfg: HttpSinkConfig) -> Result<HttpSink, SinkError> {
@@ -171,10 +177,15 @@ impl HttpSink {
             let text = String::from_utf8_lossy(&body);
             let text = text.trim();
             let text: String = text.chars().take(300).collect();
-            Err(other(format!(
+            let msg = format!(
                 "POST {url} answered {status} (stream {:?}, {} records); response: {text:?}",
                 part.stream, part.records
-            )))
+            );
+            if rejects_records(status.as_u16()) {
+                Err(SinkError::Rejected(msg))
+            } else {
+                Err(other(msg))
+            }
         };
         tokio::time::timeout(self.cfg.timeout, fut)
             .await
@@ -443,8 +454,19 @@ mod tests {
                 count: 1,
                 data: b"{}\n".to_vec(),
             }],
+            partial: false,
         };
         let e = s.write(Arc::new(b)).await.unwrap_err().to_string();
         assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
+    }
+
+    #[test]
+    fn permanent_statuses() {
+        for st in [400, 409, 413, 415, 422] {
+            assert!(rejects_records(st), "{st}");
+        }
+        for st in [200, 301, 401, 403, 404, 408, 429, 500, 502, 503] {
+            assert!(!rejects_records(st), "{st}");
+        }
     }
 }

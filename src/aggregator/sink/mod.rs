@@ -46,6 +46,10 @@ pub struct SinkBatch {
     pub records: u64,
     /// One entry per stream key, in order of first appearance.
     pub streams: Vec<SinkStream>,
+    /// A piece of a batch split to isolate rejected records: the sequences are the whole
+    /// batch's, so a sink that records its position with its data must not record it (nor
+    /// treat the piece as a replay); the runner checkpoints once every piece is written.
+    pub partial: bool,
 }
 
 impl SinkBatch {
@@ -55,14 +59,18 @@ impl SinkBatch {
     }
 }
 
-/// A sink's failure. Every failure is retried with backoff; the message is logged and shown
-/// in the store's stats.
+/// A sink's failure. `Rejected` is permanent for some record of the batch (the destination
+/// refuses its content): the runner splits the batch to find those records and moves them to
+/// the sink's dead-letter file. Every other failure is retried with backoff; the message is
+/// logged and shown in the store's stats.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Other(String),
+    #[error("rejected by the destination: {0}")]
+    Rejected(String),
 }
 
 /// The future a sink returns (boxed so the trait stays object safe without `async-trait`).
@@ -87,6 +95,14 @@ pub trait Sink: Send + 'static {
 
     /// Make `batch` durable in the destination.
     fn write(&mut self, batch: Arc<SinkBatch>) -> SinkFuture<'_, ()>;
+
+    /// The WAL was reset (removed or replaced): its end, `next_seq`, is before the position
+    /// `open` returned. A sink that keeps its own position must move it back to `next_seq`, or
+    /// it would skip the new records as already held. Default: nothing to do.
+    fn rewind(&mut self, next_seq: u64) -> SinkFuture<'_, ()> {
+        let _ = next_seq;
+        Box::pin(std::future::ready(Ok(())))
+    }
 
     /// Called once after the last write on a clean shutdown.
     fn close(&mut self) -> SinkFuture<'_, ()> {

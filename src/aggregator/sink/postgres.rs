@@ -198,7 +198,16 @@ fn pg_error(what: &str, e: &tokio_postgres::Error) -> SinkError {
             m
         }
     };
-    SinkError::Other(format!("postgres {what}: {msg}"))
+    // data exceptions (22xxx: invalid JSON, bad encoding, ...) and integrity violations
+    // (23xxx) are about the records: retrying the same batch cannot succeed
+    let permanent = e
+        .as_db_error()
+        .is_some_and(|db| matches!(db.code().code().get(..2), Some("22" | "23")));
+    if permanent {
+        SinkError::Rejected(format!("postgres {what}: {msg}"))
+    } else {
+        SinkError::Other(format!("postgres {what}: {msg}"))
+    }
 }
 
 struct Conn {
@@ -347,8 +356,9 @@ impl PostgresSink {
         let mut buf = std::mem::take(&mut self.buf);
         let (table, positions) = (self.table.clone(), self.positions.clone());
         let (node, sink) = (self.cfg.node_id.clone(), self.cfg.name.clone());
-        let check = self.uncertain == Some((batch.first_seq, batch.last_seq));
-        self.uncertain = Some((batch.first_seq, batch.last_seq));
+        // a piece of a split batch records no position: it cannot be recognised as a replay
+        let check = !batch.partial && self.uncertain == Some((batch.first_seq, batch.last_seq));
+        self.uncertain = (!batch.partial).then_some((batch.first_seq, batch.last_seq));
         let next = (batch.last_seq + 1) as i64;
         let client = self.connect().await?;
         let tx = client
@@ -413,15 +423,17 @@ impl PostgresSink {
                 )
             })?;
         }
-        tx.execute(
-            &format!(
-                "INSERT INTO {positions} (node, sink, next_seq) VALUES ($1, $2, $3)
+        if !batch.partial {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {positions} (node, sink, next_seq) VALUES ($1, $2, $3)
                  ON CONFLICT (node, sink) DO UPDATE SET next_seq = EXCLUDED.next_seq"
-            ),
-            &[&node, &sink, &next],
-        )
-        .await
-        .map_err(|e| pg_error("saving the sink position", &e))?;
+                ),
+                &[&node, &sink, &next],
+            )
+            .await
+            .map_err(|e| pg_error("saving the sink position", &e))?;
+        }
         tx.commit().await.map_err(|e| pg_error("COMMIT", &e))?;
         if buf.capacity() <= 4 * COPY_CHUNK {
             self.buf = buf;
@@ -466,6 +478,10 @@ impl Sink for PostgresSink {
                 Ok(Err(e)) => {
                     // The connection's state is unknown: start afresh next time.
                     self.conn = None;
+                    if matches!(e, SinkError::Rejected(_)) {
+                        // the server refused the data: the transaction surely did not commit
+                        self.uncertain = None;
+                    }
                     Err(e)
                 }
                 Err(_) => Err(self.timed_out("write")),

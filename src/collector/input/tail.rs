@@ -3,7 +3,9 @@
 //!
 //! Owns: the tail task — re-globbing every `poll_interval`, one open fd per (dev, inode),
 //! reading in big chunks, one `InputBatch` (with a `Delivery`) per read, and the checkpoint
-//! saves (at most about once a second, and once more at shutdown).
+//! saves (soon after deliveries are acknowledged: acknowledgements are polled every
+//! [`ACK_POLL`], saves batched at most every [`SAVE_INTERVAL`] and written by a blocking task
+//! while reading goes on; once more at shutdown).
 //! Must not: save a position before the batches up to it were delivered (see
 //! `checkpoint::DeliveryTracker`), emit half lines (an unfinished last line waits for its
 //! `\n` unless it outgrows `max_record_bytes`), or do per-record syscalls.
@@ -52,8 +54,11 @@ use crate::collector::record::{
     unix_nanos_now, Accumulator, Delivery, Extra, InputBatch, RecordBuilder,
 };
 
-/// Minimum time between two checkpoint saves.
-pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Minimum time between two checkpoint saves. Short: a checkpoint lagging behind what was
+/// acknowledged is what a collector crash reads (and sends) twice.
+pub const SAVE_INTERVAL: Duration = Duration::from_millis(50);
+/// How often an idle tail checks whether outstanding deliveries were acknowledged.
+pub const ACK_POLL: Duration = Duration::from_millis(25);
 /// Bytes read from one file per round before moving on to the next file.
 const ROUND_BUDGET: usize = 4 * READ_CHUNK;
 
@@ -136,6 +141,7 @@ pub async fn run_tail(
         },
         store,
         dirty: false,
+        saving: None,
         first_scan: true,
         order: Vec::new(),
         cfg,
@@ -191,6 +197,8 @@ struct Tail {
     reader: Reader,
     store: CheckpointStore,
     dirty: bool,
+    /// A checkpoint save running on the blocking pool.
+    saving: Option<tokio::task::JoinHandle<Result<(), InputError>>>,
     first_scan: bool,
     order: Vec<(bool, FileKey)>,
 }
@@ -213,23 +221,69 @@ impl Tail {
                 Err(Halt::Failed(e)) => return Err(e),
             };
             self.advance();
-            if self.dirty && last_save.elapsed() >= SAVE_INTERVAL {
-                if let Err(e) = self.save().await {
-                    tracing::warn!(error = %e, "tail checkpoint not saved; will retry");
-                }
+            if self.saving.as_ref().is_some_and(|h| h.is_finished()) {
+                self.finish_save().await;
+            }
+            if self.dirty && self.saving.is_none() && last_save.elapsed() >= SAVE_INTERVAL {
+                self.start_save();
                 last_save = Instant::now();
             }
             if !progressed {
+                // wake early while deliveries are outstanding, to checkpoint them promptly
+                let waiting = self.saving.is_some()
+                    || self.dirty
+                    || self.files.values().any(|t| !t.tracker.is_settled());
+                let wake = if waiting {
+                    next_scan.min(Instant::now() + ACK_POLL)
+                } else {
+                    next_scan
+                };
                 tokio::select! {
                     _ = self.reader.cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep_until(next_scan) => {}
+                    _ = tokio::time::sleep_until(wake) => {}
                 }
             }
         }
     }
 
+    fn checkpoints(&self) -> Vec<FileCheckpoint> {
+        self.files
+            .iter()
+            .map(|(&(dev, ino), t)| FileCheckpoint {
+                dev,
+                ino,
+                path: t.path.to_string_lossy().into_owned(),
+                offset: t.tracker.committed(),
+            })
+            .collect()
+    }
+
+    /// Save the current positions on the blocking pool (one save at a time).
+    fn start_save(&mut self) {
+        let entries = self.checkpoints();
+        let store = self.store.clone();
+        self.dirty = false;
+        self.saving = Some(tokio::task::spawn_blocking(move || store.save(entries)));
+    }
+
+    /// Collect the running save; a failed one leaves the positions to be saved again.
+    async fn finish_save(&mut self) {
+        let Some(h) = self.saving.take() else {
+            return;
+        };
+        let r = h.await.map_err(|e| InputError::Checkpoint {
+            path: self.store.path().to_owned(),
+            msg: e.to_string(),
+        });
+        if let Err(e) = r.and_then(|r| r) {
+            tracing::warn!(error = %e, "tail checkpoint not saved; will retry");
+            self.dirty = true;
+        }
+    }
+
     /// Wait (bounded) for outstanding deliveries, then save.
     async fn shutdown(&mut self) -> Result<(), InputError> {
+        self.finish_save().await;
         let deadline = Instant::now() + self.cfg.shutdown_grace;
         loop {
             self.advance();
@@ -254,16 +308,7 @@ impl Tail {
     }
 
     async fn save(&mut self) -> Result<(), InputError> {
-        let entries: Vec<FileCheckpoint> = self
-            .files
-            .iter()
-            .map(|(&(dev, ino), t)| FileCheckpoint {
-                dev,
-                ino,
-                path: t.path.to_string_lossy().into_owned(),
-                offset: t.tracker.committed(),
-            })
-            .collect();
+        let entries = self.checkpoints();
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.save(entries))
             .await
