@@ -214,13 +214,13 @@ fn python_fluent_logger() {
     );
 }
 
-fn run_python(m: &Mesh, tag: &str, count: usize, mode: &str) -> String {
+fn run_python(forward: SocketAddr, tag: &str, count: usize, mode: &str) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fluent_send.py");
     let out = Command::new("python3")
         .arg(script)
         .args([
-            m.forward.ip().to_string(),
-            m.forward.port().to_string(),
+            forward.ip().to_string(),
+            forward.port().to_string(),
             tag.to_string(),
             count.to_string(),
             mode.to_string(),
@@ -240,7 +240,7 @@ fn run_python(m: &Mesh, tag: &str, count: usize, mode: &str) -> String {
 fn python_fluent_logger_with_and_without_ack() {
     python_fluent_logger();
     let m = mesh(&[]);
-    assert_eq!(run_python(&m, "py", 200, "plain"), "sent 200");
+    assert_eq!(run_python(m.forward, "py", 200, "plain"), "sent 200");
     let plain = wait_records(&m.out, "py.app", 200);
     for (i, r) in plain.iter().enumerate() {
         assert_eq!(r["i"], i as i64);
@@ -263,7 +263,7 @@ fn python_fluent_logger_with_and_without_ack() {
 
     // with the chunk option: each event is acknowledged only once delivered, so by the
     // time the script finishes every record is committed by the aggregator
-    assert_eq!(run_python(&m, "pyack", 50, "ack"), "acked 50");
+    assert_eq!(run_python(m.forward, "pyack", 50, "ack"), "acked 50");
     let acked = wait_records(&m.out, "pyack.app", 50);
     for (i, r) in acked.iter().enumerate() {
         assert_eq!(r["i"], i as i64);
@@ -473,13 +473,9 @@ fn rust_client_four_modes_acks_garbage_and_truncation() {
     assert_eq!(packed.last().unwrap()["i"], 209);
     wait_records(&m.out, "gzip", 60);
 
-    let text = metrics(m.admin);
-    let malformed = text
-        .lines()
-        .find(|l| l.contains("forward_malformed") && !l.starts_with('#'))
-        .unwrap_or_else(|| panic!("no forward_malformed metric in:\n{text}"));
-    let n: f64 = malformed.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(n >= 2.0, "{malformed}");
+    // garbage is malformed; the 4-billion-item array is over the frame limit
+    assert!(errors_of(m.admin, "forward_malformed") >= 1.0);
+    assert!(errors_of(m.admin, "forward_too_large") >= 1.0);
 
     // UDP heartbeat on the same port
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -541,4 +537,314 @@ fn shared_key_handshake_through_the_binary() {
     assert!(closed_by_server(&mut c));
     std::thread::sleep(Duration::from_millis(300));
     assert!(!sink(&m.out).contains_key("packed"));
+}
+
+// ---------------------------------------------------------------- hostile clients
+
+/// Resident memory of a process.
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Time for `/healthz` to answer 200.
+fn healthz(admin: SocketAddr) -> Duration {
+    let t = Instant::now();
+    let mut c = TcpStream::connect(admin).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(c, "GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    assert!(
+        s.starts_with("HTTP/1.1 200") || s.starts_with("HTTP/1.0 200"),
+        "{s}"
+    );
+    t.elapsed()
+}
+
+/// Samples the collector's RSS and `/healthz` latency until dropped; `peak()` reports the
+/// worst of each.
+struct Watch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(u64, Duration)>>,
+}
+
+impl Watch {
+    fn start(pid: u32, admin: SocketAddr) -> Watch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (mut peak, mut worst) = (0u64, Duration::ZERO);
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss(pid));
+                worst = worst.max(healthz(admin));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (peak, worst)
+        });
+        Watch {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn peak(mut self) -> (u64, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+/// The bounds every attack must keep: RSS within 256 MiB of idle, `/healthz` within 1 s.
+fn assert_bounded(what: &str, idle: u64, (peak, worst): (u64, Duration)) {
+    eprintln!(
+        "{what}: idle RSS {} MiB, peak {} MiB (+{} MiB), worst /healthz {worst:?}",
+        idle / MIB,
+        peak / MIB,
+        peak.saturating_sub(idle) / MIB
+    );
+    assert!(
+        peak < idle + 256 * MIB,
+        "{what}: RSS {} MiB over idle",
+        (peak - idle) / MIB
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "{what}: /healthz took {worst:?}"
+    );
+}
+
+/// Counter `logmesh_errors_total{kind}` of the collector.
+fn errors_of(admin: SocketAddr, kind: &str) -> f64 {
+    metrics(admin)
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&format!("kind=\"{kind}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Write `bytes` (the server may close early: write errors are expected), then expect the
+/// server to close the connection without having sent anything.
+fn send_hostile(addr: SocketAddr, bytes: &[u8]) {
+    let mut c = connect(addr);
+    let _ = c.write_all(bytes);
+    let mut got = Vec::new();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    match c.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    assert!(
+        got.is_empty(),
+        "the server answered a hostile frame: {got:?}"
+    );
+}
+
+/// `[array32(nil × n), 1]`: a frame whose "tag" is a huge array.
+fn nil_array_tag_frame(n: u32) -> Vec<u8> {
+    let mut f = vec![0x92, 0xdd];
+    f.extend_from_slice(&n.to_be_bytes());
+    f.resize(f.len() + n as usize, 0xc0);
+    f.push(0x01);
+    f
+}
+
+/// `[tag, 1, {"k": array32(nil × n)}]`: one record transcoding to 5 × n bytes of JSON.
+fn nil_array_record_frame(n: u32) -> Vec<u8> {
+    let mut f = vec![0x93, 0xa3, b'n', b'i', b'l', 0x01, 0x81, 0xa1, b'k', 0xdd];
+    f.extend_from_slice(&n.to_be_bytes());
+    f.resize(f.len() + n as usize, 0xc0);
+    f
+}
+
+#[test]
+fn hostile_frames_keep_the_collector_bounded() {
+    python_fluent_logger();
+    let m = mesh(&[]);
+    let pid = m._col.child.id();
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = rss(pid);
+    let watch = Watch::start(pid, m.admin);
+    std::thread::scope(|sc| {
+        // honest fluent-logger traffic throughout
+        let honest = sc.spawn(|| run_python(m.forward, "honest", 100, "ack"));
+        let n = 60 << 20;
+        let hostile: Vec<_> = (0..3)
+            .map(|_| sc.spawn(move || send_hostile(m.forward, &nil_array_tag_frame(n))))
+            .collect();
+        for h in hostile {
+            h.join().unwrap();
+        }
+        // one 60 MiB record: transcoded only up to max-record-bytes, cut, delivered
+        let mut c = connect(m.forward);
+        c.write_all(&nil_array_record_frame(n)).unwrap();
+        drop(c);
+        assert_eq!(honest.join().unwrap(), "acked 100");
+    });
+    assert_bounded("3 × 60 MiB array32(nil) frames", idle, watch.peak());
+    wait_records(&m.out, "honest.app", 100);
+    let cut = wait_records(&m.out, "nil", 1);
+    assert_eq!(cut[0]["_truncated"], true);
+    assert!(cut[0]["message"].as_str().unwrap().len() <= 1 << 20);
+    assert!(errors_of(m.admin, "forward_malformed") >= 3.0);
+}
+
+/// Concatenated gzip members of zeros, inflating to `total` bytes.
+fn gzip_bomb(total: usize) -> Vec<u8> {
+    let member = gzip(&vec![0u8; 16 << 20]);
+    member.repeat(total / (16 << 20))
+}
+
+#[test]
+fn gzip_bomb_is_refused_unacknowledged() {
+    python_fluent_logger();
+    let m = mesh(&[]);
+    let pid = m._col.child.id();
+    let bomb = gzip_bomb(1600 << 20);
+    let frame = enc(&Value::Array(vec![
+        s("bomb"),
+        Value::Binary(bomb.clone()),
+        opt("bomb-chunk", true),
+    ]));
+    eprintln!("bomb: {} KiB inflating to 1600 MiB", frame.len() >> 10);
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = rss(pid);
+    let watch = Watch::start(pid, m.admin);
+    std::thread::scope(|sc| {
+        let honest = sc.spawn(|| run_python(m.forward, "honest", 50, "ack"));
+        // no {"ack": "bomb-chunk"}: the connection is closed with nothing sent
+        send_hostile(m.forward, &frame);
+        assert_eq!(honest.join().unwrap(), "acked 50");
+    });
+    assert_bounded("gzip bomb", idle, watch.peak());
+    assert!(errors_of(m.admin, "forward_too_large") >= 1.0);
+    wait_records(&m.out, "honest.app", 50);
+    assert!(!sink(&m.out).contains_key("bomb"));
+}
+
+#[test]
+fn idle_connections_are_capped_and_timed_out() {
+    let m = mesh(&[
+        "--forward-max-connections",
+        "1000",
+        "--forward-idle-timeout",
+        "2s",
+    ]);
+    let pid = m._col.child.id();
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = rss(pid);
+    let watch = Watch::start(pid, m.admin);
+    let mut conns: Vec<TcpStream> = (0..3000)
+        .map(|_| TcpStream::connect(m.forward).unwrap())
+        .collect();
+    // within the idle timeout every connection is closed by the server: those over the cap
+    // at once, the others when idle
+    let t = Instant::now();
+    for c in &mut conns {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 8];
+        match c.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("connection not closed: {other:?}"),
+        }
+    }
+    let all_closed = t.elapsed();
+    assert!(all_closed < Duration::from_secs(8), "{all_closed:?}");
+    drop(conns);
+    // honest traffic after them
+    let mut c = connect(m.forward);
+    c.write_all(&frame("forward", 0..10, "after-idle")).unwrap();
+    assert_eq!(read_msgpack(&mut c), ack("after-idle"));
+    assert_bounded("3000 idle connections", idle, watch.peak());
+    wait_records(&m.out, "forward", 10);
+    assert!(errors_of(m.admin, "forward_conn_limit") >= 1000.0);
+    assert!(errors_of(m.admin, "forward_timeout") >= 900.0);
+}
+
+#[test]
+fn shared_key_mode_refuses_big_or_slow_handshakes() {
+    let m = mesh(&[
+        "--forward-shared-key",
+        "s3cret",
+        "--forward-handshake-timeout",
+        "1s",
+    ]);
+    // a frame over 64 KiB before the PING: refused when its header arrives
+    let mut c = connect(m.forward);
+    assert_eq!(read_msgpack(&mut c)[0].as_str(), Some("HELO"));
+    let mut big = vec![0x96, 0xa4, b'P', b'I', b'N', b'G', 0xdb];
+    big.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    c.write_all(&big).unwrap();
+    let t = Instant::now();
+    assert!(closed_by_server(&mut c));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(errors_of(m.admin, "forward_too_large") >= 1.0);
+    // a client that never sends its PING is closed after the handshake timeout
+    let mut slow = connect(m.forward);
+    read_msgpack(&mut slow);
+    let t = Instant::now();
+    assert!(closed_by_server(&mut slow));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(errors_of(m.admin, "forward_timeout") >= 1.0);
+}
+
+// ---------------------------------------------------------------- Fluent Bit as it ships
+
+/// Replays the bytes Fluent Bit 5.1.1 sent (tests/fixtures/fluent-bit-5.1.1): default
+/// settings (entries `[[EventTime, {}], record]`), with acks, gzip, and the classic format.
+#[test]
+fn fluent_bit_captured_bytes_are_delivered() {
+    let m = mesh(&[]);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fluent-bit-5.1.1");
+    let input: Vec<Json> = std::fs::read_to_string(dir.join("input.ndjson"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let files = [
+        "forward-default.bin",
+        "forward-ack.bin",
+        "forward-gzip.bin",
+        "forward-compat.bin",
+    ];
+    for (k, f) in files.iter().enumerate() {
+        let bytes = std::fs::read(dir.join(f)).unwrap();
+        let mut c = connect(m.forward);
+        c.write_all(&bytes).unwrap();
+        if *f != "forward-default.bin" {
+            let a = read_msgpack(&mut c);
+            assert!(a["ack"].is_str(), "{f}: {a}");
+        }
+        let got = wait_records(&m.out, "app.web", 3 * (k + 1));
+        assert!(
+            got.iter().all(|r| r.get("_meta").is_none()),
+            "empty metadata is dropped"
+        );
+    }
+    let mut got = sink(&m.out).remove("app.web").unwrap();
+    got.sort_by_key(|r| r["seq"].as_i64());
+    for (i, want) in input.iter().enumerate() {
+        for r in &got[4 * i..4 * i + 4] {
+            for (k, v) in want.as_object().unwrap() {
+                assert_eq!(&r[k], v, "{k}");
+            }
+            assert!(
+                r["_ts"].as_str().unwrap().starts_with("2026-"),
+                "{}",
+                r["_ts"]
+            );
+        }
+    }
 }

@@ -127,3 +127,60 @@ fn raw_tcp_garbage_oversize_and_octet_counting() {
     assert_eq!(raw[0]["message"], "not syslog at all");
     assert_eq!(raw[0]["_parse_error"], true);
 }
+
+/// A TCP connection that sends nothing for `--syslog-idle-timeout` is closed; what it sent
+/// before is delivered; more than `--syslog-max-connections` are closed at once.
+#[test]
+fn idle_tcp_connections_are_closed_and_capped() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(
+        dir,
+        &[
+            "--syslog",
+            "127.0.0.1:0",
+            "--syslog-idle-timeout",
+            "1s",
+            "--syslog-max-connections",
+            "2",
+        ],
+    );
+    let addr: SocketAddr = mesh.col.wait_log("syslog input listening")["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let closed = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 8];
+        match s.read(&mut b) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    };
+    let mut a = TcpStream::connect(addr).unwrap();
+    a.write_all(b"<14>Oct  1 10:00:00 host idleapp: before going quiet\n")
+        .unwrap();
+    let mut b = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // a third one is over the cap: closed at once
+    let mut c = TcpStream::connect(addr).unwrap();
+    let t = Instant::now();
+    assert!(closed(&mut c));
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    // the quiet ones are closed after about a second
+    assert!(closed(&mut a) && closed(&mut b));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let recs = mesh.records("idleapp.ndjson", 1);
+    find(&recs, "message", "before going quiet");
+}

@@ -257,11 +257,38 @@ pub struct CollectorArgs {
     #[arg(long, env = "LOGMESH_FORWARD_TLS_CA", value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forward_tls_ca: Option<PathBuf>,
+    /// Forward connections served at once; more are closed right after accept (default 1024).
+    #[arg(long, env = "LOGMESH_FORWARD_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_max_connections: Option<usize>,
+    /// Close a Forward connection that sends nothing for this long while no ack is pending
+    /// (default 300s).
+    #[arg(long, env = "LOGMESH_FORWARD_IDLE_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_idle_timeout: Option<String>,
+    /// Close a Forward connection whose TLS or shared-key handshake is not done in this time
+    /// (default 10s).
+    #[arg(long, env = "LOGMESH_FORWARD_HANDSHAKE_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_handshake_timeout: Option<String>,
+    /// Largest Forward frame, and largest decompressed entries of a gzip frame (default
+    /// 67108864 = 64 MiB); a bigger one closes its connection unacknowledged.
+    #[arg(long, env = "LOGMESH_FORWARD_MAX_FRAME_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_max_frame_bytes: Option<usize>,
     /// Receive syslog (RFC 5424 and RFC 3164) on ADDR over UDP and TCP (octet-counted or
     /// newline-framed), e.g. 0.0.0.0:5514. Tag: the app name, else "syslog".
     #[arg(long, env = "LOGMESH_SYSLOG")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub syslog: Option<String>,
+    /// Syslog TCP connections served at once; more are closed right after accept (default 1024).
+    #[arg(long, env = "LOGMESH_SYSLOG_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syslog_max_connections: Option<usize>,
+    /// Close a syslog TCP connection that sends nothing for this long (default 300s).
+    #[arg(long, env = "LOGMESH_SYSLOG_IDLE_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syslog_idle_timeout: Option<String>,
     /// auto | json | logfmt | raw | docker | cri | regex:<re with named captures> (default
     /// auto; auto also recognises Docker and CRI container logs in --tail files).
     #[arg(long, env = "LOGMESH_FORMAT")]

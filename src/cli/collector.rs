@@ -19,6 +19,7 @@ use crate::collector::input::forward::{parse_forward_addr, ForwardConfig, Forwar
 use crate::collector::input::stdin::run_stdin;
 use crate::collector::input::syslog::run_syslog;
 use crate::collector::input::tail::{run_tail, TailConfig};
+use crate::collector::input::ConnLimits;
 use crate::collector::link::QuicLink;
 use crate::collector::parse::Format;
 use crate::collector::record::{parse_label, RecordBuilder, RecordSpec, SeqAllocator};
@@ -38,6 +39,7 @@ pub struct CollectorSettings {
     pub tail: Vec<String>,
     pub forward: Option<ForwardConfig>,
     pub syslog: Option<SocketAddr>,
+    pub syslog_limits: ConnLimits,
     pub tag: Option<String>,
     pub spec: RecordSpec,
     pub sender: SenderConfig,
@@ -83,6 +85,13 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
             errs.push("tail", format!("{g:?} is not a valid glob: {e}"));
         }
     }
+    let syslog_limits = conn_limits(
+        "syslog",
+        a.syslog_max_connections,
+        a.syslog_idle_timeout.as_deref(),
+        None,
+        &mut errs,
+    );
     let id = node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
     let forward = forward_settings(a, &id, &mut errs);
     let mut spec = RecordSpec::new(id.clone());
@@ -179,6 +188,7 @@ pub fn validate(a: &CollectorArgs) -> Result<CollectorSettings, ConfigErrors> {
             tail: a.tail.clone(),
             forward,
             syslog,
+            syslog_limits,
             tag: a.tag.clone(),
             spec,
             sender: sc,
@@ -195,6 +205,19 @@ fn forward_settings(a: &CollectorArgs, id: &str, errs: &mut ConfigErrors) -> Opt
             (a.forward_tls_cert.is_some(), "forward-tls-cert"),
             (a.forward_tls_key.is_some(), "forward-tls-key"),
             (a.forward_tls_ca.is_some(), "forward-tls-ca"),
+            (
+                a.forward_max_connections.is_some(),
+                "forward-max-connections",
+            ),
+            (a.forward_idle_timeout.is_some(), "forward-idle-timeout"),
+            (
+                a.forward_handshake_timeout.is_some(),
+                "forward-handshake-timeout",
+            ),
+            (
+                a.forward_max_frame_bytes.is_some(),
+                "forward-max-frame-bytes",
+            ),
         ] {
             if set {
                 errs.push(key, "needs --forward ADDR");
@@ -219,7 +242,52 @@ fn forward_settings(a: &CollectorArgs, id: &str, errs: &mut ConfigErrors) -> Opt
         cfg.shared_key = Some(k.clone());
     }
     cfg.tls = forward_tls(a, errs);
+    cfg.limits = conn_limits(
+        "forward",
+        a.forward_max_connections,
+        a.forward_idle_timeout.as_deref(),
+        a.forward_handshake_timeout.as_deref(),
+        errs,
+    );
+    if let Some(m) = a.forward_max_frame_bytes {
+        if m < 64 * 1024 {
+            errs.push(
+                "forward-max-frame-bytes",
+                "must be at least 65536 (default 64 MiB)",
+            );
+        }
+        cfg.max_frame_bytes = m;
+        cfg.max_decompressed_bytes = m;
+    }
     Some(cfg)
+}
+
+/// `<input>-max-connections`, `<input>-idle-timeout`, `<input>-handshake-timeout`.
+fn conn_limits(
+    input: &str,
+    max: Option<usize>,
+    idle: Option<&str>,
+    handshake: Option<&str>,
+    errs: &mut ConfigErrors,
+) -> ConnLimits {
+    let mut l = ConnLimits::default();
+    if let Some(m) = max {
+        if m == 0 {
+            errs.push(&format!("{input}-max-connections"), "must be at least 1");
+        }
+        l.max_connections = m.max(1);
+    }
+    let mut dur = |v: Option<&str>, key: &str, out: &mut Duration| {
+        let Some(v) = v else { return };
+        match parse_duration(v) {
+            Ok(d) if !d.is_zero() => *out = d,
+            Ok(_) => errs.push(&format!("{input}-{key}"), "must be more than 0s"),
+            Err(e) => errs.push(&format!("{input}-{key}"), e),
+        }
+    };
+    dur(idle, "idle-timeout", &mut l.idle_timeout);
+    dur(handshake, "handshake-timeout", &mut l.handshake_timeout);
+    l
 }
 
 /// `--forward-tls-*`: both cert and key, or neither; the files checked now.
@@ -376,7 +444,8 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
     }
     if let Some(addr) = s.syslog {
         let (b, tx, c) = (builder.clone(), tx.clone(), input_cancel.clone());
-        inputs.spawn(async move { run_syslog(addr, b, tx, c).await });
+        let limits = s.syslog_limits;
+        inputs.spawn(async move { run_syslog(addr, limits, b, tx, c).await });
     }
     drop(tx);
 

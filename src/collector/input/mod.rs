@@ -12,6 +12,7 @@ pub mod syslog;
 pub mod tail;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Read size of the inputs.
 pub const READ_CHUNK: usize = 256 * 1024;
@@ -41,5 +42,58 @@ impl InputError {
     pub(crate) fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Self {
         let what = what.to_string();
         move |source| InputError::Io { what, source }
+    }
+}
+
+/// Bounds of a TCP input's connections (forward, syslog), from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections served at once; more are closed right after accept.
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long (and waits for nothing from us) is closed.
+    pub idle_timeout: Duration,
+    /// A TLS or shared-key handshake must be done within this time of the accept.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(300),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A warning at most once per `every` (e.g. connections refused at the cap: one line, not
+/// thousands).
+#[derive(Debug)]
+pub(crate) struct WarnEvery {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnEvery {
+    pub(crate) fn new(every: Duration) -> Self {
+        WarnEvery {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(suppressed since the last warning)` if a warning is due at `now`.
+    pub(crate) fn due(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) < self.every)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
     }
 }

@@ -4,8 +4,8 @@
 //! Owns: the sans-IO parts — [`SyslogParser`] (one message → a JSON object of its fields, the
 //! record time and the tag) and [`TcpFramer`] (RFC 6587 octet counting `LEN SP MSG` and
 //! newline framing, decided per frame by its first byte) — and the tokio edges: one UDP task
-//! and one task per TCP connection (at most [`MAX_TCP_CONNECTIONS`]), each turning one read
-//! into one `InputBatch`.
+//! and one task per TCP connection (at most `max_connections` of [`ConnLimits`]; one that
+//! sends nothing for `idle_timeout` is closed), each turning one read into one `InputBatch`.
 //! Must not: block, allocate per message on the hot path (parser and framer reuse their
 //! buffers), or promise delivery (syslog has no acknowledgements: batches carry no
 //! `Delivery`; UDP datagrams the kernel drops under load are lost).
@@ -30,13 +30,11 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::InputError;
+use super::{ConnLimits, InputError, WarnEvery};
 use crate::collector::container::{days_from_civil, parse_rfc3339_nanos};
 use crate::collector::parse::write_json_str;
 use crate::collector::record::{unix_nanos_now, Accumulator, Extra, InputBatch, RecordBuilder};
 
-/// TCP connections served at once; more are closed right after accept.
-pub const MAX_TCP_CONNECTIONS: usize = 1024;
 /// Datagrams read in one go before their records are handed on.
 const UDP_BURST: usize = 512;
 const TCP_READ: usize = 64 * 1024;
@@ -614,6 +612,7 @@ fn push_frame(
 /// reused for UDP) until `cancel`. Returns an error only if it cannot listen.
 pub async fn run_syslog(
     addr: SocketAddr,
+    limits: ConnLimits,
     builder: RecordBuilder,
     tx: mpsc::Sender<InputBatch>,
     cancel: CancellationToken,
@@ -625,7 +624,7 @@ pub async fn run_syslog(
         let (b, tx, c) = (builder.clone(), tx.clone(), cancel.clone());
         tasks.spawn(async move { udp_loop(udp, b, tx, c).await });
     }
-    tasks.spawn(async move { tcp_accept(tcp, builder, tx, cancel).await });
+    tasks.spawn(async move { tcp_accept(tcp, limits, builder, tx, cancel).await });
     while tasks.join_next().await.is_some() {}
     Ok(())
 }
@@ -702,11 +701,13 @@ async fn send(tx: &mpsc::Sender<InputBatch>, cancel: &CancellationToken, b: Inpu
 
 async fn tcp_accept(
     listener: TcpListener,
+    limits: ConnLimits,
     builder: RecordBuilder,
     tx: mpsc::Sender<InputBatch>,
     cancel: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut refused = WarnEvery::new(std::time::Duration::from_secs(1));
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -723,12 +724,15 @@ async fn tcp_accept(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = MAX_TCP_CONNECTIONS, "too many syslog TCP connections; closing this one");
+            if let Some(more) = refused.due(std::time::Instant::now()) {
+                tracing::warn!(%peer, limit = limits.max_connections, refused_since_last_warning = more,
+                    "too many syslog TCP connections; closing new ones (raise syslog-max-connections if they are honest)");
+            }
             continue;
         };
         let (b, tx, c) = (builder.clone(), tx.clone(), cancel.clone());
         conns.spawn(async move {
-            tcp_conn(stream, peer, b, tx, c).await;
+            tcp_conn(stream, peer, limits.idle_timeout, b, tx, c).await;
             drop(permit);
         });
     }
@@ -738,6 +742,7 @@ async fn tcp_accept(
 async fn tcp_conn(
     mut stream: TcpStream,
     peer: SocketAddr,
+    idle: std::time::Duration,
     mut b: RecordBuilder,
     tx: mpsc::Sender<InputBatch>,
     cancel: CancellationToken,
@@ -750,7 +755,19 @@ async fn tcp_conn(
     loop {
         let r = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = stream.read(&mut buf) => r,
+            r = tokio::time::timeout(idle, stream.read(&mut buf)) => match r {
+                Ok(r) => r,
+                Err(_) => {
+                    // what an unfinished frame held is kept
+                    let now = unix_nanos_now();
+                    framer.finish(|f, t| push_frame(&mut p, &mut b, &mut acc, f, t, now));
+                    if !acc.is_empty() {
+                        send(&tx, &cancel, acc.take_batch(None)).await;
+                    }
+                    tracing::info!(%peer, "syslog TCP connection idle; closing it");
+                    return;
+                }
+            },
         };
         let now = unix_nanos_now();
         let n = match r {

@@ -4,16 +4,24 @@
 //! (events of the Message, Forward, PackedForward and CompressedPackedForward modes, with
 //! their `chunk` option; or a handshake `PING`) or a precise [`DecodeError`]; the msgpack →
 //! JSON conversion of records. Must not: do I/O, read clocks (`now` is an argument), panic
-//! on any input, or let one frame use unbounded memory.
+//! on any input, or let one frame use memory beyond its own bytes plus fixed bounds.
 //!
 //! How: an iterative scanner finds where the next top-level msgpack value ends without
 //! building anything (incomplete input remembers how many bytes it needs at least, so a big
 //! frame arriving in small reads is not rescanned on every read; a frame that cannot fit in
-//! `max_frame_bytes` is an error at once). A complete frame is then decoded: small parts
-//! (tag, option map, PING) with `rmpv`, records transcoded straight from msgpack to JSON
-//! into a reused buffer — no value tree per record, so a hostile frame cannot amplify
-//! memory. A frame is all or nothing: if any entry is malformed, none of its events is
-//! returned.
+//! the frame limit is an error at once — 64 KiB while a shared-key handshake is pending).
+//! A complete frame is then read head by head: the tag, option map and PING fields by their
+//! expected msgpack heads only (never a generic value tree), with element-count and byte
+//! caps; the entries are walked once to check their shape and nesting (nothing allocated),
+//! then [`Events::next_event`] transcodes one record at a time straight from msgpack into a
+//! reused JSON buffer, stopping at `max_record_bytes` + 1 (the record builder then cuts and
+//! flags it). So a frame costs its own bytes (or its decompressed bytes, capped) plus one
+//! record, whatever its shape. A frame is all or nothing: if any entry is malformed, none of
+//! its events is returned.
+//!
+//! Entries are `[time, record]` or, as Fluent Bit ≥ 2.1 sends by default, `[[time,
+//! metadata], record]`: a non-empty metadata map is kept as the record's `_meta` field, any
+//! other metadata is ignored.
 //!
 //! Conversion: strings and binaries become JSON strings (invalid UTF-8 replaced by U+FFFD),
 //! non-string map keys their JSON text (`1` → `"1"`), ext values base64 of their data,
@@ -25,20 +33,26 @@ use std::borrow::Cow;
 use std::io::Read as _;
 
 use base64::Engine as _;
-use rmpv::ValueRef;
 
 use crate::collector::parse::write_json_str;
 
 /// Default largest frame (one top-level msgpack value): 64 MiB.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 << 20;
-/// Default largest decompressed entries of one CompressedPackedForward frame: 256 MiB.
-pub const DEFAULT_MAX_DECOMPRESSED_BYTES: usize = 256 << 20;
+/// Default largest decompressed entries of one CompressedPackedForward frame: 64 MiB.
+pub const DEFAULT_MAX_DECOMPRESSED_BYTES: usize = 64 << 20;
+/// Largest frame before the shared-key handshake is done (a PING is a few hundred bytes).
+pub const MAX_PREAUTH_FRAME_BYTES: usize = 64 * 1024;
+/// Default largest record, as JSON (the collector's `max-record-bytes`).
+const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
 /// Nesting allowed inside a record.
 const MAX_DEPTH: usize = 64;
-/// Largest option map (the last element of a frame).
+/// Largest option map (the last element of a frame), in bytes and in entries.
 const MAX_OPTION_BYTES: usize = 64 * 1024;
+const MAX_OPTION_ENTRIES: usize = 64;
 /// Largest tag.
 const MAX_TAG_BYTES: usize = 4096;
+/// Largest PING field and `chunk` id.
+const MAX_FIELD_BYTES: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -54,6 +68,17 @@ pub enum DecodeError {
     TooLargeDecompressed(usize),
     #[error("the stream failed earlier: {0}")]
     Failed(Box<DecodeError>),
+}
+
+impl DecodeError {
+    /// A size limit was hit (rather than a malformed frame).
+    pub fn is_too_large(&self) -> bool {
+        match self {
+            DecodeError::TooLarge { .. } | DecodeError::TooLargeDecompressed(_) => true,
+            DecodeError::Failed(e) => e.is_too_large(),
+            _ => false,
+        }
+    }
 }
 
 fn proto(s: impl Into<Cow<'static, str>>) -> DecodeError {
@@ -76,32 +101,36 @@ pub enum Message<'d> {
     Ping(Ping),
 }
 
-/// The events of one frame, each a JSON object with its time in Unix nanoseconds.
+/// The events of one frame (already checked), each transcoded on demand to a JSON object
+/// with its time in Unix nanoseconds.
 #[derive(Debug)]
 pub struct Events<'d> {
     pub tag: &'d str,
     pub mode: Mode,
     /// The `chunk` option: the client wants `{"ack": chunk}` once these are safe.
     pub chunk: Option<&'d str>,
-    json: &'d [u8],
-    spans: &'d [(i64, usize, usize)],
+    /// The entries (Message mode: the time and the record, without an entry array).
+    rd: Rd<'d>,
+    in_array: bool,
+    now: i64,
+    max_record: usize,
+    json: &'d mut Vec<u8>,
+    key: &'d mut Vec<u8>,
 }
 
-impl<'d> Events<'d> {
-    pub fn len(&self) -> usize {
-        self.spans.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
-    }
-
-    /// `(time_unix_nanos, json_object)` per event, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (i64, &'d [u8])> + 'd {
-        let json = self.json;
-        self.spans
-            .iter()
-            .map(move |&(t, s, e)| (t, json.get(s..e).unwrap_or_default()))
+impl Events<'_> {
+    /// The next event as `(time_unix_nanos, json_object)`, `None` after the last. A record
+    /// longer than `max_record_bytes` is returned cut just past that length.
+    pub fn next_event(&mut self) -> Result<Option<(i64, &[u8])>, DecodeError> {
+        while !self.rd.is_empty() {
+            let Some(e) = read_entry(&mut self.rd, self.now, self.in_array)? else {
+                continue; // nil record
+            };
+            self.json.clear();
+            transcode(&e, self.json, self.key, self.max_record)?;
+            return Ok(Some((e.time, &self.json[..])));
+        }
+        Ok(None)
     }
 }
 
@@ -121,7 +150,6 @@ struct Scratch {
     chunk: String,
     has_chunk: bool,
     json: Vec<u8>,
-    spans: Vec<(i64, usize, usize)>,
     inflated: Vec<u8>,
     key: Vec<u8>,
 }
@@ -135,9 +163,22 @@ pub struct ForwardDecoder {
     need: u64,
     max_frame: usize,
     max_decompressed: usize,
+    max_record: usize,
     expect_ping: bool,
     failed: Option<DecodeError>,
     s: Scratch,
+}
+
+/// Where a checked frame's entries are.
+enum Decoded {
+    Events {
+        mode: Mode,
+        /// In the frame, or (CompressedPackedForward) in `Scratch::inflated`.
+        range: (usize, usize),
+        inflated: bool,
+        in_array: bool,
+    },
+    Ping(Ping),
 }
 
 impl ForwardDecoder {
@@ -148,13 +189,22 @@ impl ForwardDecoder {
             need: 1,
             max_frame: max_frame_bytes.max(16),
             max_decompressed: max_decompressed_bytes,
+            max_record: DEFAULT_MAX_RECORD_BYTES,
             expect_ping: false,
             failed: None,
             s: Scratch::default(),
         }
     }
 
-    /// While set, every frame must be a `PING` (the shared-key handshake is pending).
+    /// Records are transcoded up to this many bytes of JSON (plus one, so the record builder
+    /// sees them as too long and cuts them); the rest of such a record is skipped.
+    pub fn with_max_record_bytes(mut self, max: usize) -> Self {
+        self.max_record = max.max(64);
+        self
+    }
+
+    /// While set, every frame must be a `PING` (the shared-key handshake is pending) and no
+    /// frame may exceed [`MAX_PREAUTH_FRAME_BYTES`].
     pub fn set_expect_ping(&mut self, on: bool) {
         self.expect_ping = on;
     }
@@ -169,6 +219,10 @@ impl ForwardDecoder {
         if self.pos > 0 {
             self.buf.drain(..self.pos);
             self.pos = 0;
+        }
+        // a big frame's buffer is not kept once it is consumed
+        if self.buf.is_empty() && self.buf.capacity() > 8 << 20 {
+            self.buf = Vec::new();
         }
         self.buf.extend_from_slice(bytes);
     }
@@ -190,7 +244,12 @@ impl ForwardDecoder {
         if avail.is_empty() || (avail.len() as u64) < self.need {
             return Ok(None);
         }
-        let len = match scan_value(avail, self.max_frame) {
+        let max = if self.expect_ping {
+            self.max_frame.min(MAX_PREAUTH_FRAME_BYTES)
+        } else {
+            self.max_frame
+        };
+        let len = match scan_value(avail, max) {
             Scan::Done(len) => len,
             Scan::Incomplete(need) => {
                 self.need = need;
@@ -201,24 +260,41 @@ impl ForwardDecoder {
         self.need = 1;
         let start = self.pos;
         self.pos += len;
-        let frame = &self.buf[start..start + len];
         let decoded = decode_frame(
-            frame,
+            &self.buf[start..start + len],
             &mut self.s,
             self.expect_ping,
-            self.max_frame,
             self.max_decompressed,
             now_unix_nanos,
         );
         match decoded {
             Ok(Decoded::Ping(p)) => Ok(Some(Message::Ping(p))),
-            Ok(Decoded::Events(mode)) => Ok(Some(Message::Events(Events {
-                tag: &self.s.tag,
+            Ok(Decoded::Events {
                 mode,
-                chunk: self.s.has_chunk.then_some(self.s.chunk.as_str()),
-                json: &self.s.json,
-                spans: &self.s.spans,
-            }))),
+                range: (a, b),
+                inflated,
+                in_array,
+            }) => {
+                let src = if inflated {
+                    &self.s.inflated[..]
+                } else {
+                    &self.buf[start..start + len]
+                };
+                Ok(Some(Message::Events(Events {
+                    tag: &self.s.tag,
+                    mode,
+                    chunk: self.s.has_chunk.then_some(self.s.chunk.as_str()),
+                    rd: Rd {
+                        b: src.get(a..b).unwrap_or_default(),
+                        pos: 0,
+                    },
+                    in_array,
+                    now: now_unix_nanos,
+                    max_record: self.max_record,
+                    json: &mut self.s.json,
+                    key: &mut self.s.key,
+                })))
+            }
             Err(e) => Err(self.fail(e)),
         }
     }
@@ -364,6 +440,7 @@ fn scan_value(b: &[u8], max: usize) -> Scan {
 }
 
 /// A reader over a complete, scanned frame.
+#[derive(Debug, Clone, Copy)]
 struct Rd<'a> {
     b: &'a [u8],
     pos: usize,
@@ -403,44 +480,73 @@ impl<'a> Rd<'a> {
         }
     }
 
-    /// The next whole value as raw bytes (for rmpv).
-    fn raw_value(&mut self) -> Result<&'a [u8], DecodeError> {
-        let rest = self.b.get(self.pos..).unwrap_or_default();
-        match scan_value(rest, usize::MAX) {
-            Scan::Done(n) => self.bytes(n),
-            Scan::Incomplete(_) => Err(self.short()),
-            Scan::Err(e) => Err(e),
+    fn is_empty(&self) -> bool {
+        self.pos >= self.b.len()
+    }
+
+    /// Step over the next value, checking its markers, lengths and nesting (at most
+    /// [`MAX_DEPTH`] levels below it, as [`to_json`] allows); returns its bytes. Iterative,
+    /// allocation-free.
+    fn skip(&mut self) -> Result<&'a [u8], DecodeError> {
+        let start = self.pos;
+        // values still to read on each open level
+        let mut left = [0u64; MAX_DEPTH + 1];
+        let mut d = 0usize;
+        left[0] = 1;
+        loop {
+            while left[d] == 0 {
+                if d == 0 {
+                    return Ok(&self.b[start..self.pos]);
+                }
+                d -= 1;
+            }
+            left[d] -= 1;
+            let n = match self.head()? {
+                Head::Str(n) | Head::Bin(n) | Head::Ext(_, n) => {
+                    self.bytes(n)?;
+                    continue;
+                }
+                Head::Array(n) => n as u64,
+                Head::Map(n) => 2 * n as u64,
+                _ => continue,
+            };
+            if n > 0 {
+                if d == MAX_DEPTH {
+                    return Err(too_deep(self.pos));
+                }
+                d += 1;
+                left[d] = n;
+            }
         }
     }
 
-    fn value_ref(&mut self) -> Result<ValueRef<'a>, DecodeError> {
-        let at = self.pos;
-        let mut raw = self.raw_value()?;
-        rmpv::decode::read_value_ref_with_max_depth(&mut raw, MAX_DEPTH).map_err(|_| {
-            DecodeError::Msgpack {
-                offset: at,
-                what: "undecodable value",
-            }
-        })
+    /// A str (or bin, or nil as empty) of at most `max` bytes.
+    fn short_str(&mut self, max: usize, what: &str) -> Result<&'a [u8], DecodeError> {
+        let n = match self.head()? {
+            Head::Str(n) | Head::Bin(n) => n,
+            Head::Nil => 0,
+            _ => return Err(proto(format!("{what} must be a string"))),
+        };
+        if n > max {
+            return Err(proto(format!("{what} longer than {max} bytes")));
+        }
+        self.bytes(n)
     }
+}
 
-    fn is_empty(&self) -> bool {
-        self.pos >= self.b.len()
+fn too_deep(offset: usize) -> DecodeError {
+    DecodeError::Msgpack {
+        offset,
+        what: "nested deeper than 64 levels",
     }
 }
 
 // ---------------------------------------------------------------- frames
 
-enum Decoded {
-    Events(Mode),
-    Ping(Ping),
-}
-
 fn decode_frame(
     frame: &[u8],
     s: &mut Scratch,
     expect_ping: bool,
-    max_frame: usize,
     max_decompressed: usize,
     now: i64,
 ) -> Result<Decoded, DecodeError> {
@@ -457,19 +563,23 @@ fn decode_frame(
             "a frame is an array of 2 to 4 items, got {n}"
         )));
     }
-    let tag = match rd.value_ref()? {
-        ValueRef::String(t) if t.as_bytes().len() <= MAX_TAG_BYTES => t,
-        ValueRef::String(_) => return Err(proto("tag longer than 4096 bytes")),
+    let tag = match rd.head()? {
+        Head::Str(t) if t <= MAX_TAG_BYTES => rd.bytes(t)?,
+        Head::Str(_) => return Err(proto("tag longer than 4096 bytes")),
         _ => return Err(proto("the tag (first item) must be a string")),
     };
     s.tag.clear();
-    s.tag.push_str(&String::from_utf8_lossy(tag.as_bytes()));
-    s.json.clear();
-    s.spans.clear();
+    s.tag.push_str(&String::from_utf8_lossy(tag));
     s.has_chunk = false;
 
-    let mode = match rd.peek()? {
-        Head::Array(_) => {
+    let events = |mode, range, inflated, in_array| Decoded::Events {
+        mode,
+        range,
+        inflated,
+        in_array,
+    };
+    let (mode, range, in_array) = match rd.peek()? {
+        Head::Array(_) if !message_with_metadata(rd) => {
             if n > 3 {
                 return Err(proto("Forward mode is [tag, entries, option?]"));
             }
@@ -477,42 +587,66 @@ fn decode_frame(
                 Head::Array(k) => k,
                 _ => return Err(proto("entries must be an array")),
             };
+            let start = rd.pos;
             for _ in 0..entries {
-                entry(&mut rd, s, now)?;
+                read_entry(&mut rd, now, true)?;
             }
-            Mode::Forward
+            (Mode::Forward, (start, rd.pos), true)
         }
         Head::Str(_) | Head::Bin(_) => {
             if n > 3 {
                 return Err(proto("PackedForward mode is [tag, entries, option?]"));
             }
-            let packed = match rd.head()? {
-                Head::Str(k) | Head::Bin(k) => rd.bytes(k)?,
+            let k = match rd.head()? {
+                Head::Str(k) | Head::Bin(k) => k,
                 _ => return Err(proto("packed entries must be str or bin")),
             };
-            let gzip = option(&mut rd, s)?;
-            if gzip {
-                let mut inflated = std::mem::take(&mut s.inflated);
-                let r = gunzip(packed, &mut inflated, max_decompressed)
-                    .and_then(|()| packed_entries(&inflated, s, max_frame, now));
-                s.inflated = inflated;
-                r?;
-                return Ok(Decoded::Events(Mode::CompressedPackedForward));
+            let start = rd.pos;
+            let packed = rd.bytes(k)?;
+            let end = rd.pos;
+            if option(&mut rd, s)? {
+                gunzip(packed, &mut s.inflated, max_decompressed)?;
+                check_packed(&s.inflated, now)?;
+                let all = (0, s.inflated.len());
+                return Ok(events(Mode::CompressedPackedForward, all, true, true));
             }
-            packed_entries(packed, s, max_frame, now)?;
-            return Ok(Decoded::Events(Mode::PackedForward));
+            check_packed(packed, now)?;
+            return Ok(events(Mode::PackedForward, (start, end), false, true));
         }
         _ => {
             if n < 3 {
                 return Err(proto("Message mode is [tag, time, record, option?]"));
             }
-            let t = time(&mut rd, now)?;
-            record(&mut rd, s, t)?;
-            Mode::Message
+            let start = rd.pos;
+            read_entry(&mut rd, now, false)?;
+            (Mode::Message, (start, rd.pos), false)
         }
     };
     option(&mut rd, s)?;
-    Ok(Decoded::Events(mode))
+    Ok(events(mode, range, false, in_array))
+}
+
+/// Message mode with Fluent Bit's `[time, metadata]` as the time: `[tag, [time, {..}],
+/// record, option?]` (Forward mode's entries array holds arrays, or nothing).
+fn message_with_metadata(mut rd: Rd<'_>) -> bool {
+    matches!(rd.head(), Ok(Head::Array(2))) && !matches!(rd.peek(), Ok(Head::Array(_)) | Err(_))
+}
+
+fn check_packed(data: &[u8], now: i64) -> Result<(), DecodeError> {
+    let mut rd = Rd { b: data, pos: 0 };
+    while !rd.is_empty() {
+        read_entry(&mut rd, now, true).map_err(|e| match e {
+            DecodeError::Msgpack {
+                what: "value cut short",
+                ..
+            } => proto(format!(
+                "packed entries end in a cut entry at byte {}",
+                rd.pos
+            )),
+            e => e,
+        })?;
+    }
+    Ok(())
 }
 
 /// The option map if present (must be the last item): notes `chunk`; true if the entries
@@ -524,31 +658,35 @@ fn option(rd: &mut Rd<'_>, s: &mut Scratch) -> Result<bool, DecodeError> {
     if rd.b.len() - rd.pos > MAX_OPTION_BYTES {
         return Err(proto("option map larger than 64 KiB"));
     }
-    let map = match rd.value_ref()? {
-        ValueRef::Map(m) => m,
-        ValueRef::Nil => return Ok(false),
+    let n = match rd.head()? {
+        Head::Map(n) if n <= MAX_OPTION_ENTRIES => n,
+        Head::Map(_) => return Err(proto("option map with more than 64 entries")),
+        Head::Nil => return Ok(false),
         _ => return Err(proto("option must be a map")),
     };
     let mut gzip = false;
-    for (k, v) in map {
-        let ValueRef::String(k) = k else { continue };
-        match k.as_bytes() {
+    for _ in 0..n {
+        let key = match rd.peek()? {
+            Head::Str(_) => rd.short_str(MAX_FIELD_BYTES, "option key")?,
+            _ => rd.skip()?,
+        };
+        match key {
             b"chunk" => {
-                let c = match &v {
-                    ValueRef::String(c) => c.as_bytes(),
-                    ValueRef::Binary(c) => c,
-                    _ => return Err(proto("option chunk must be a string")),
-                };
+                let c = rd.short_str(MAX_FIELD_BYTES, "option chunk")?;
                 s.chunk.clear();
                 s.chunk.push_str(&String::from_utf8_lossy(c));
                 s.has_chunk = true;
             }
-            b"compressed" => match &v {
-                ValueRef::String(c) if c.as_bytes() == b"gzip" => gzip = true,
-                ValueRef::String(c) if c.as_bytes() == b"text" => gzip = false,
-                _ => return Err(proto("option compressed must be \"gzip\" or \"text\"")),
-            },
-            _ => {}
+            b"compressed" => {
+                gzip = match rd.short_str(16, "option compressed") {
+                    Ok(b"gzip") => true,
+                    Ok(b"text") => false,
+                    _ => return Err(proto("option compressed must be \"gzip\" or \"text\"")),
+                }
+            }
+            _ => {
+                rd.skip()?;
+            }
         }
     }
     Ok(gzip)
@@ -560,42 +698,54 @@ fn gunzip(data: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), DecodeErro
     d.read_to_end(out)
         .map_err(|e| DecodeError::Gzip(e.to_string()))?;
     if out.len() > limit {
+        out.clear();
         return Err(DecodeError::TooLargeDecompressed(limit));
     }
     Ok(())
 }
 
-fn packed_entries(
-    data: &[u8],
-    s: &mut Scratch,
-    max_frame: usize,
-    now: i64,
-) -> Result<(), DecodeError> {
-    let mut rd = Rd { b: data, pos: 0 };
-    while !rd.is_empty() {
-        match scan_value(&data[rd.pos..], max_frame.max(data.len())) {
-            Scan::Done(_) => {}
-            Scan::Incomplete(_) => {
-                return Err(proto(format!(
-                    "packed entries end in a cut entry at byte {}",
-                    rd.pos
-                )))
-            }
-            Scan::Err(e) => return Err(e),
-        }
-        entry(&mut rd, s, now)?;
-    }
-    Ok(())
+/// One entry, checked: its time and the bytes of its record and metadata.
+struct Entry<'a> {
+    time: i64,
+    record: &'a [u8],
+    /// A non-empty metadata map.
+    meta: Option<&'a [u8]>,
 }
 
-/// One `[time, record]` entry.
-fn entry(rd: &mut Rd<'_>, s: &mut Scratch, now: i64) -> Result<(), DecodeError> {
-    match rd.head()? {
-        Head::Array(2) => {}
-        _ => return Err(proto("an entry must be [time, record]")),
+/// One `[time, record]` or `[[time, metadata], record]` entry (without its array in Message
+/// mode); `None` for a nil record.
+fn read_entry<'a>(
+    rd: &mut Rd<'a>,
+    now: i64,
+    in_array: bool,
+) -> Result<Option<Entry<'a>>, DecodeError> {
+    if in_array && !matches!(rd.head()?, Head::Array(2)) {
+        return Err(proto("an entry must be [time, record]"));
     }
-    let t = time(rd, now)?;
-    record(rd, s, t)
+    let (t, meta) = match rd.peek()? {
+        Head::Array(2) => {
+            rd.head()?;
+            let t = time(rd, now)?;
+            let is_map = matches!(rd.peek()?, Head::Map(m) if m > 0);
+            let meta = rd.skip()?;
+            (t, is_map.then_some(meta))
+        }
+        Head::Array(_) => return Err(proto("an event time with metadata must be [time, map]")),
+        _ => (time(rd, now)?, None),
+    };
+    match rd.peek()? {
+        Head::Map(_) => {}
+        Head::Nil => {
+            rd.head()?;
+            return Ok(None);
+        }
+        _ => return Err(proto("a record must be a map")),
+    }
+    Ok(Some(Entry {
+        time: t,
+        record: rd.skip()?,
+        meta,
+    }))
 }
 
 fn time(rd: &mut Rd<'_>, now: i64) -> Result<i64, DecodeError> {
@@ -620,18 +770,36 @@ fn time(rd: &mut Rd<'_>, now: i64) -> Result<i64, DecodeError> {
     Ok(if t == 0 { now } else { t })
 }
 
-fn record(rd: &mut Rd<'_>, s: &mut Scratch, t: i64) -> Result<(), DecodeError> {
-    match rd.peek()? {
-        Head::Map(_) => {}
-        Head::Nil => {
-            rd.head()?;
-            return Ok(());
+/// The record of a checked entry as one JSON object (non-empty metadata as `_meta`), cut
+/// once it passes `max_record` bytes.
+fn transcode(
+    e: &Entry<'_>,
+    out: &mut Vec<u8>,
+    key: &mut Vec<u8>,
+    max_record: usize,
+) -> Result<(), DecodeError> {
+    let limit = out.len() + max_record.saturating_add(1);
+    to_json(
+        &mut Rd {
+            b: e.record,
+            pos: 0,
+        },
+        out,
+        key,
+        0,
+        limit,
+    )?;
+    if let Some(meta) = e.meta {
+        if out.len() < limit && out.last() == Some(&b'}') {
+            out.pop();
+            if out.last() != Some(&b'{') {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"_meta\":");
+            to_json(&mut Rd { b: meta, pos: 0 }, out, key, 0, limit)?;
+            out.push(b'}');
         }
-        _ => return Err(proto("a record must be a map")),
     }
-    let start = s.json.len();
-    to_json(rd, &mut s.json, &mut s.key, 0)?;
-    s.spans.push((t, start, s.json.len()));
     Ok(())
 }
 
@@ -639,19 +807,23 @@ fn lossy(b: &[u8]) -> Cow<'_, str> {
     String::from_utf8_lossy(b)
 }
 
-/// Transcode the value at `rd` to JSON.
+/// Transcode the value at `rd` to JSON; once `out` reaches `limit` bytes, values are
+/// skipped (and a long string or ext written only up to it).
 fn to_json(
     rd: &mut Rd<'_>,
     out: &mut Vec<u8>,
     key: &mut Vec<u8>,
     depth: usize,
+    limit: usize,
 ) -> Result<(), DecodeError> {
     if depth > MAX_DEPTH {
-        return Err(DecodeError::Msgpack {
-            offset: rd.pos,
-            what: "nested deeper than 64 levels",
-        });
+        return Err(too_deep(rd.pos));
     }
+    if out.len() >= limit {
+        rd.skip()?;
+        return Ok(());
+    }
+    let room = limit - out.len();
     match rd.head()? {
         Head::Nil => out.extend_from_slice(b"null"),
         Head::Bool(true) => out.extend_from_slice(b"true"),
@@ -660,41 +832,53 @@ fn to_json(
         Head::Int(i) => write_display(out, i),
         Head::F32(f) => write_f64(out, f64::from(f)),
         Head::F64(f) => write_f64(out, f),
-        Head::Str(n) | Head::Bin(n) => write_json_str(out, &lossy(rd.bytes(n)?)),
+        Head::Str(n) | Head::Bin(n) => {
+            let b = rd.bytes(n)?;
+            write_json_str(out, &lossy(&b[..n.min(room)]));
+        }
         Head::Ext(_, n) => {
             let b = rd.bytes(n)?;
             out.push(b'"');
             let mut enc = String::new();
-            base64::engine::general_purpose::STANDARD.encode_string(b, &mut enc);
+            base64::engine::general_purpose::STANDARD.encode_string(&b[..n.min(room)], &mut enc);
             out.extend_from_slice(enc.as_bytes());
             out.push(b'"');
         }
         Head::Array(n) => {
             out.push(b'[');
             for i in 0..n {
+                if out.len() >= limit {
+                    return skip_n(rd, n - i);
+                }
                 if i > 0 {
                     out.push(b',');
                 }
-                to_json(rd, out, key, depth + 1)?;
+                to_json(rd, out, key, depth + 1, limit)?;
             }
             out.push(b']');
         }
         Head::Map(n) => {
             out.push(b'{');
             for i in 0..n {
+                if out.len() >= limit {
+                    return skip_n(rd, 2 * (n - i));
+                }
                 if i > 0 {
                     out.push(b',');
                 }
                 match rd.peek()? {
                     Head::Str(k) | Head::Bin(k) => {
                         rd.head()?;
-                        write_json_str(out, &lossy(rd.bytes(k)?));
+                        let b = rd.bytes(k)?;
+                        let room = limit.saturating_sub(out.len());
+                        write_json_str(out, &lossy(&b[..k.min(room)]));
                     }
                     _ => {
                         // a non-string key: its JSON text as the key
                         let mut k = std::mem::take(key);
                         k.clear();
-                        let r = to_json(rd, &mut k, &mut Vec::new(), depth + 1);
+                        let room = limit.saturating_sub(out.len());
+                        let r = to_json(rd, &mut k, &mut Vec::new(), depth + 1, room);
                         if r.is_ok() {
                             write_json_str(out, &lossy(&k));
                         }
@@ -703,7 +887,7 @@ fn to_json(
                     }
                 }
                 out.push(b':');
-                to_json(rd, out, key, depth + 1)?;
+                to_json(rd, out, key, depth + 1, limit)?;
             }
             out.push(b'}');
         }
@@ -713,6 +897,14 @@ fn to_json(
                 what: "reserved marker 0xc1",
             })
         }
+    }
+    Ok(())
+}
+
+/// Step over `n` values (the rest of a cut record; closing brackets are not written).
+fn skip_n(rd: &mut Rd<'_>, n: usize) -> Result<(), DecodeError> {
+    for _ in 0..n {
+        rd.skip()?;
     }
     Ok(())
 }
@@ -734,31 +926,24 @@ fn decode_ping(rd: &mut Rd<'_>, n: usize) -> Result<Ping, DecodeError> {
             "expected the handshake PING (an array of 6 items), got an array of {n}"
         )));
     }
-    let mut field = |what: &'static str| -> Result<Vec<u8>, DecodeError> {
-        match rd.value_ref()? {
-            ValueRef::String(s) => Ok(s.as_bytes().to_vec()),
-            ValueRef::Binary(b) => Ok(b.to_vec()),
-            ValueRef::Nil => Ok(Vec::new()),
-            _ => Err(proto(format!("PING {what} must be a string"))),
-        }
-    };
-    if field("type")? != b"PING" {
+    if rd.short_str(MAX_FIELD_BYTES, "PING type")? != b"PING" {
         return Err(proto(
             "expected the handshake PING first (a shared key is configured)",
         ));
     }
-    let hostname = field("hostname")?;
-    let salt = field("shared_key_salt")?;
-    let digest = field("shared_key_hexdigest")?;
-    let username = field("username")?;
-    let password_digest = field("password")?;
-    let s = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    let mut field = |what: &'static str| rd.short_str(MAX_FIELD_BYTES, what);
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let hostname = s(field("PING hostname")?);
+    let salt = field("PING shared_key_salt")?.to_vec();
+    let digest = s(field("PING shared_key_hexdigest")?);
+    let username = s(field("PING username")?);
+    let password_digest = s(field("PING password")?);
     Ok(Ping {
-        hostname: s(hostname),
+        hostname,
         salt,
-        digest: s(digest),
-        username: s(username),
-        password_digest: s(password_digest),
+        digest,
+        username,
+        password_digest,
     })
 }
 

@@ -15,12 +15,21 @@
 //!   spool": the sender may resend after a crash, so delivery is at least once. Nothing is
 //!   acknowledged once the input is cancelled (shutdown), since the pipeline may then drop
 //!   what it could not deliver. Without `chunk`, nothing is answered.
-//! - Backpressure: one `InputBatch` per read, sent on the bounded pipeline channel; while
-//!   it is full the connection is not read.
-//! - Malformed input (invalid msgpack, wrong shapes, a frame over the limit, bad gzip) closes
-//!   that connection with a warning naming the peer and the reason, and counts
-//!   `logmesh_errors_total{kind="forward_malformed"}`; complete messages before it are kept
-//!   and other connections are unaffected.
+//! - Backpressure: the records of one read go to the bounded pipeline channel as
+//!   `InputBatch`es of about [`PIECE_BYTES`] (all holding the read's one `Delivery`, so one
+//!   big frame never sits in memory as records); while the channel is full the connection
+//!   is not read.
+//! - Malformed input (invalid msgpack, wrong shapes, bad gzip) closes that connection with a
+//!   warning naming the peer and the reason, and counts
+//!   `logmesh_errors_total{kind="forward_malformed"}` (`kind="forward_too_large"` for a frame
+//!   over the frame limit or entries inflating past the decompressed limit; nothing of that
+//!   frame is acknowledged); complete messages before it are kept and other connections are
+//!   unaffected.
+//! - Connections ([`ConnLimits`]): at most `max_connections` at once (more are closed right
+//!   after accept, `kind="forward_conn_limit"`, one warning per second at most); a TLS or
+//!   shared-key handshake not done within `handshake_timeout`, or a connection that sends
+//!   nothing for `idle_timeout` while no acknowledgement is pending, is closed
+//!   (`kind="forward_timeout"`).
 //! - Shared key (`--forward-shared-key`): the server sends `HELO`, and nothing but a correct
 //!   `PING` is accepted before the `PONG`; a wrong key gets a failed `PONG` and is closed
 //!   (`kind="forward_auth"`).
@@ -43,15 +52,16 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::decode::{
     DecodeError, ForwardDecoder, Message, DEFAULT_MAX_DECOMPRESSED_BYTES, DEFAULT_MAX_FRAME_BYTES,
 };
 use self::handshake::Handshake;
-use super::InputError;
+use super::{ConnLimits, InputError, WarnEvery};
 use crate::collector::record::{unix_nanos_now, Accumulator, Delivery, InputBatch, RecordBuilder};
 use crate::metrics::Metrics;
 
@@ -63,8 +73,8 @@ const READ_SIZE: usize = 64 * 1024;
 const ACK_POLL: Duration = Duration::from_millis(20);
 /// A client that does not take our replies within this time is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client that does not finish the TLS handshake within this time is dropped.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Records of one read are handed on in batches of about this many bytes.
+pub const PIECE_BYTES: u64 = 1 << 20;
 
 /// Settings of the forward input.
 #[derive(Clone)]
@@ -78,6 +88,7 @@ pub struct ForwardConfig {
     pub max_decompressed_bytes: usize,
     /// Accept TLS only, with this configuration (built by [`tls::server_config`]).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub limits: ConnLimits,
 }
 
 impl std::fmt::Debug for ForwardConfig {
@@ -92,6 +103,7 @@ impl std::fmt::Debug for ForwardConfig {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("max_decompressed_bytes", &self.max_decompressed_bytes)
             .field("tls", &self.tls.is_some())
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -105,6 +117,7 @@ impl ForwardConfig {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
             tls: None,
+            limits: ConnLimits::default(),
         }
     }
 }
@@ -203,6 +216,8 @@ impl ForwardInput {
         let acceptor = self.cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         let mut tasks = JoinSet::new();
         tasks.spawn(heartbeat(self.udp, cancel.clone()));
+        let slots = Arc::new(Semaphore::new(self.cfg.limits.max_connections));
+        let mut refused = WarnEvery::new(Duration::from_secs(1));
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -219,8 +234,20 @@ impl ForwardInput {
                     continue;
                 }
             };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                drop(stream);
+                if let Some(m) = &metrics {
+                    m.error("forward_conn_limit");
+                }
+                if let Some(more) = refused.due(std::time::Instant::now()) {
+                    tracing::warn!(%peer, limit = self.cfg.limits.max_connections, refused_since_last_warning = more,
+                        "forward input: too many connections; closing new ones (raise forward-max-connections if they are honest)");
+                }
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let conn = Conn {
+                _permit: permit,
                 peer,
                 cfg: self.cfg.clone(),
                 builder: builder.clone(),
@@ -263,6 +290,8 @@ async fn heartbeat(udp: UdpSocket, cancel: CancellationToken) {
 }
 
 struct Conn {
+    /// Held while the connection is served.
+    _permit: tokio::sync::OwnedSemaphorePermit,
     peer: SocketAddr,
     cfg: Arc<ForwardConfig>,
     builder: RecordBuilder,
@@ -274,6 +303,7 @@ struct Conn {
 enum Event {
     Read(std::io::Result<usize>),
     Tick,
+    Timeout(&'static str),
     Cancelled,
 }
 
@@ -281,6 +311,7 @@ enum Event {
 enum Close {
     Malformed(DecodeError),
     Auth(&'static str),
+    Timeout(&'static str),
     Io(std::io::Error),
     Stopped,
 }
@@ -288,7 +319,7 @@ enum Close {
 impl Conn {
     /// The TLS handshake, then [`Conn::serve`] inside the session.
     async fn serve_tls(self, acceptor: tokio_rustls::TlsAcceptor, stream: TcpStream) {
-        let hs = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+        let hs = tokio::time::timeout(self.cfg.limits.handshake_timeout, acceptor.accept(stream));
         let r = tokio::select! {
             biased;
             _ = self.cancel.cancelled() => return,
@@ -310,9 +341,17 @@ impl Conn {
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut self, mut stream: S) {
         match self.serve_inner(&mut stream).await {
             Ok(()) | Err(Close::Stopped) => {}
+            Err(Close::Malformed(e)) if e.is_too_large() => {
+                tracing::warn!(peer = %self.peer, error = %e, "forward input: closing connection: frame over the limit (raise forward-max-frame-bytes if the sender is honest)");
+                self.count("forward_too_large");
+            }
             Err(Close::Malformed(e)) => {
                 tracing::warn!(peer = %self.peer, error = %e, "forward input: closing connection: malformed input");
                 self.count("forward_malformed");
+            }
+            Err(Close::Timeout(what)) => {
+                tracing::info!(peer = %self.peer, "forward input: closing connection: {what}");
+                self.count("forward_timeout");
             }
             Err(Close::Auth(reason)) => {
                 tracing::warn!(peer = %self.peer, %reason, "forward input: closing connection: handshake failed");
@@ -335,13 +374,16 @@ impl Conn {
         &mut self,
         stream: &mut S,
     ) -> Result<(), Close> {
+        let limits = self.cfg.limits;
         let mut dec =
-            ForwardDecoder::new(self.cfg.max_frame_bytes, self.cfg.max_decompressed_bytes);
+            ForwardDecoder::new(self.cfg.max_frame_bytes, self.cfg.max_decompressed_bytes)
+                .with_max_record_bytes(self.builder.spec().max_record_bytes);
         let mut hs = self
             .cfg
             .shared_key
             .as_deref()
             .map(|k| Handshake::new(k, &self.cfg.self_hostname, handshake::new_nonce()));
+        let hs_deadline = Instant::now() + limits.handshake_timeout;
         if let Some(hs) = &hs {
             dec.set_expect_ping(true);
             write(stream, &hs.helo()).await?;
@@ -352,24 +394,32 @@ impl Conn {
         let mut pending: Vec<(Weak<()>, String)> = Vec::new();
         let mut chunks: Vec<String> = Vec::new();
         let mut eof = false;
+        let mut last_read = Instant::now();
         loop {
             if eof && pending.is_empty() {
                 return Ok(());
             }
+            let authenticating = hs.as_ref().is_some_and(|h| !h.authenticated());
             let ev = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => Event::Cancelled,
                 _ = tokio::time::sleep(ACK_POLL), if !pending.is_empty() => Event::Tick,
                 r = stream.read(&mut buf), if !eof => Event::Read(r),
+                _ = tokio::time::sleep_until(hs_deadline), if authenticating =>
+                    Event::Timeout("shared-key handshake not done in time"),
+                _ = tokio::time::sleep_until(last_read + limits.idle_timeout), if pending.is_empty() =>
+                    Event::Timeout("idle"),
             };
             let n = match ev {
                 Event::Cancelled => return Err(Close::Stopped),
+                Event::Timeout(what) => return Err(Close::Timeout(what)),
                 Event::Tick => {
                     self.flush_acks(stream, &mut pending).await?;
                     continue;
                 }
                 Event::Read(r) => r.map_err(Close::Io)?,
             };
+            last_read = Instant::now();
             if n == 0 {
                 eof = true;
                 if dec.buffered() > 0 {
@@ -379,19 +429,39 @@ impl Conn {
             }
             dec.feed(&buf[..n]);
             let now = unix_nanos_now();
+            // every record of this read holds it; pieces are handed on as they fill
+            let delivery = Delivery::default();
+            let mut handed_on = false;
             let mut failure = None;
             loop {
                 match dec.next(now) {
                     Ok(None) => break,
-                    Ok(Some(Message::Events(evs))) => {
+                    Ok(Some(Message::Events(mut evs))) => {
                         if hs.as_ref().is_some_and(|h| !h.authenticated()) {
                             failure = Some(Close::Auth("events before the handshake"));
                             break;
                         }
-                        for (ts, obj) in evs.iter() {
-                            self.builder.push_object(evs.tag, obj, ts, &mut acc);
+                        let (tag, chunk) = (evs.tag, evs.chunk);
+                        loop {
+                            match evs.next_event() {
+                                Ok(Some((ts, obj))) => {
+                                    self.builder.push_object(tag, obj, ts, &mut acc);
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    failure = Some(Close::Malformed(e));
+                                    break;
+                                }
+                            }
+                            if acc.bytes() >= PIECE_BYTES {
+                                self.hand_on(&mut acc, &delivery).await?;
+                                handed_on = true;
+                            }
                         }
-                        if let Some(c) = evs.chunk {
+                        if failure.is_some() {
+                            break;
+                        }
+                        if let Some(c) = chunk {
                             chunks.push(c.to_owned());
                         }
                     }
@@ -415,19 +485,16 @@ impl Conn {
                 }
             }
             // what decoded before a failure is kept
-            let weak = if acc.is_empty() {
-                Weak::new()
+            if !acc.is_empty() {
+                self.hand_on(&mut acc, &delivery).await?;
+                handed_on = true;
+            }
+            let weak = if handed_on {
+                Arc::downgrade(&delivery.0)
             } else {
-                let delivery = Delivery::default();
-                let weak = Arc::downgrade(&delivery.0);
-                let batch = acc.take_batch(Some(delivery));
-                tokio::select! {
-                    biased;
-                    r = self.tx.send(batch) => r.map_err(|_| Close::Stopped)?,
-                    _ = self.cancel.cancelled() => return Err(Close::Stopped),
-                }
-                weak
+                Weak::new()
             };
+            drop(delivery);
             if let Some(f) = failure {
                 return Err(f);
             }
@@ -435,6 +502,16 @@ impl Conn {
                 pending.push((weak.clone(), c));
             }
             self.flush_acks(stream, &mut pending).await?;
+        }
+    }
+
+    /// Send the accumulated records on, holding `delivery`.
+    async fn hand_on(&self, acc: &mut Accumulator, delivery: &Delivery) -> Result<(), Close> {
+        let batch = acc.take_batch(Some(delivery.clone()));
+        tokio::select! {
+            biased;
+            r = self.tx.send(batch) => r.map_err(|_| Close::Stopped),
+            _ = self.cancel.cancelled() => Err(Close::Stopped),
         }
     }
 

@@ -86,16 +86,25 @@ struct Out {
     events: Vec<(i64, serde_json::Value)>,
 }
 
+/// Every event of a frame as `(time, JSON text)`.
+fn events_of(e: &mut Events<'_>) -> Result<Vec<(i64, Vec<u8>)>, DecodeError> {
+    let mut v = Vec::new();
+    while let Some((t, j)) = e.next_event()? {
+        v.push((t, j.to_vec()));
+    }
+    Ok(v)
+}
+
 fn drain(dec: &mut ForwardDecoder, out: &mut Vec<Out>) -> Result<(), DecodeError> {
     while let Some(m) = dec.next(NOW)? {
         match m {
-            Message::Events(e) => out.push(Out {
+            Message::Events(mut e) => out.push(Out {
                 tag: e.tag.to_owned(),
                 mode: e.mode,
                 chunk: e.chunk.map(str::to_owned),
-                events: e
-                    .iter()
-                    .map(|(t, j)| (t, serde_json::from_slice(j).unwrap()))
+                events: events_of(&mut e)?
+                    .into_iter()
+                    .map(|(t, j)| (t, serde_json::from_slice(&j).unwrap()))
                     .collect(),
             }),
             Message::Ping(_) => panic!("unexpected ping"),
@@ -403,8 +412,297 @@ fn forward_addresses() {
     assert!(matches!(p("host:x"), Err(AddrError::BadPort { .. })));
 }
 
+// ---------------------------------------------------------------- Fluent Bit and bounds
+
+const FB: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/fluent-bit-5.1.1/"
+);
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{FB}{name}")).unwrap()
+}
+
+/// Captured bytes of Fluent Bit 5.1.1 in four configurations decode to the input lines,
+/// with Fluent Bit's (empty) metadata dropped.
+#[test]
+fn fluent_bit_captures_decode_to_their_input() {
+    let input: Vec<serde_json::Value> = String::from_utf8(fixture("input.ndjson"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (file, mode, chunk) in [
+        ("forward-default.bin", Mode::Forward, false),
+        ("forward-ack.bin", Mode::Forward, true),
+        ("forward-gzip.bin", Mode::CompressedPackedForward, true),
+        ("forward-compat.bin", Mode::Forward, true),
+    ] {
+        let out = decode_all(&fixture(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(out.len(), 1, "{file}");
+        let o = &out[0];
+        assert_eq!(
+            (o.tag.as_str(), o.mode, o.chunk.is_some()),
+            ("app.web", mode, chunk),
+            "{file}"
+        );
+        let recs: Vec<_> = o.events.iter().map(|(_, r)| r.clone()).collect();
+        assert_eq!(recs, input, "{file}");
+        // EventTime of the capture (2026-12-01T06:06:08Z and a few seconds later)
+        for (t, _) in &o.events {
+            assert!(
+                (0..60).contains(&(t / 1_000_000_000 - 0x6b0e_63d0)),
+                "{file}: {t}"
+            );
+        }
+        assert_ne!(o.events[0].0, o.events[1].0, "{file}: nanoseconds kept");
+    }
+}
+
+#[test]
+fn metadata_is_kept_as_meta_when_a_non_empty_map() {
+    let meta = map(&[("k", s("v"))]);
+    let t = |m: Value| Value::Array(vec![event_time(1_700_000_000, 7), m]);
+    let entries = Value::Array(vec![
+        Value::Array(vec![t(meta.clone()), map(&[("a", Value::from(1))])]),
+        Value::Array(vec![t(Value::Map(vec![])), map(&[("b", Value::from(2))])]),
+        Value::Array(vec![t(Value::Nil), map(&[("c", Value::from(3))])]),
+        Value::Array(vec![t(meta.clone()), Value::Map(vec![])]),
+        Value::Array(vec![t(meta.clone()), Value::Nil]),
+    ]);
+    let packed: Vec<u8> = match &entries {
+        Value::Array(es) => es.iter().flat_map(enc).collect(),
+        _ => unreachable!(),
+    };
+    let want = vec![
+        json!({"a": 1, "_meta": {"k": "v"}}),
+        json!({"b": 2}),
+        json!({"c": 3}),
+        json!({"_meta": {"k": "v"}}),
+    ];
+    for frame in [
+        enc(&Value::Array(vec![s("t"), entries.clone()])),
+        enc(&Value::Array(vec![s("t"), Value::Binary(packed.clone())])),
+        enc(&Value::Array(vec![
+            s("t"),
+            Value::Binary(gzip(&packed)),
+            map(&[("compressed", s("gzip"))]),
+        ])),
+    ] {
+        let out = decode_all(&frame).unwrap();
+        let recs: Vec<_> = out[0].events.iter().map(|(_, r)| r.clone()).collect();
+        assert_eq!(recs, want);
+        assert_eq!(out[0].events[0].0, 1_700_000_000_000_000_007);
+    }
+    // Message mode with [time, metadata]
+    let out = decode_all(&enc(&Value::Array(vec![
+        s("t"),
+        t(meta),
+        map(&[("m", Value::from(1))]),
+        chunk_opt("c"),
+    ])))
+    .unwrap();
+    assert_eq!(out[0].mode, Mode::Message);
+    assert_eq!(out[0].chunk.as_deref(), Some("c"));
+    assert_eq!(out[0].events[0].1, json!({"m": 1, "_meta": {"k": "v"}}));
+    // [time] alone or [time, meta, x] is not an event time
+    for bad in [
+        Value::Array(vec![Value::from(1)]),
+        Value::Array(vec![Value::from(1), Value::Nil, Value::Nil]),
+    ] {
+        let f = enc(&Value::Array(vec![
+            s("t"),
+            Value::Array(vec![Value::Array(vec![bad, rec(1)])]),
+        ]));
+        assert!(matches!(decode_all(&f), Err(DecodeError::Protocol(_))));
+    }
+}
+
+/// `[array32(nil × n), ...]`: the tag is read by its head only, so this is an error at
+/// once, not a value tree of n items.
+#[test]
+fn a_huge_non_string_tag_is_refused_by_its_head() {
+    let n: u32 = 2_000_000;
+    let mut f = vec![0x92, 0xdd];
+    f.extend_from_slice(&n.to_be_bytes());
+    f.resize(f.len() + n as usize, 0xc0);
+    f.push(0x01);
+    let mut dec = ForwardDecoder::new(64 << 20, 1 << 20);
+    dec.feed(&f);
+    assert!(matches!(dec.next(NOW), Err(DecodeError::Protocol(m)) if m.contains("tag")));
+}
+
+#[test]
+fn before_the_handshake_frames_are_small_and_ping_fields_bounded() {
+    let mut dec = ForwardDecoder::new(64 << 20, 1 << 20);
+    dec.set_expect_ping(true);
+    // a str32 header claiming 70 KiB: refused before it arrives
+    dec.feed(&[0x96, 0xa4, b'P', b'I', b'N', b'G', 0xdb, 0, 1, 0x18, 0]);
+    assert!(matches!(
+        dec.next(NOW),
+        Err(DecodeError::TooLarge {
+            max: MAX_PREAUTH_FRAME_BYTES,
+            ..
+        })
+    ));
+    // a PING field over 1 KiB, or not a string
+    for field in [s(&"h".repeat(2000)), Value::Array(vec![Value::Nil; 100])] {
+        let ping = Value::Array(vec![s("PING"), field, s(""), s(""), s(""), s("")]);
+        let mut dec = ForwardDecoder::new(64 << 20, 1 << 20);
+        dec.set_expect_ping(true);
+        dec.feed(&enc(&ping));
+        assert!(matches!(dec.next(NOW), Err(DecodeError::Protocol(_))));
+    }
+    // after the handshake the frame limit is the configured one again
+    let mut dec = ForwardDecoder::new(64 << 20, 1 << 20);
+    dec.feed(&enc(&Value::Array(vec![
+        s("t"),
+        Value::from(1),
+        map(&[("pad", s(&"x".repeat(100_000)))]),
+    ])));
+    assert!(matches!(dec.next(NOW), Ok(Some(Message::Events(_)))));
+}
+
+#[test]
+fn option_maps_are_bounded_in_entries() {
+    let big: Vec<(Value, Value)> = (0..65).map(|i| (s(&format!("k{i}")), Value::Nil)).collect();
+    let f = enc(&Value::Array(vec![
+        s("t"),
+        Value::Array(vec![]),
+        Value::Map(big),
+    ]));
+    assert!(matches!(decode_all(&f), Err(DecodeError::Protocol(m)) if m.contains("64 entries")));
+    let f = enc(&Value::Array(vec![
+        s("t"),
+        Value::Array(vec![]),
+        map(&[("chunk", s(&"c".repeat(2000)))]),
+    ]));
+    assert!(matches!(decode_all(&f), Err(DecodeError::Protocol(_))));
+}
+
+fn one_record(max_record: usize, record: Value) -> Result<Vec<u8>, DecodeError> {
+    let f = enc(&Value::Array(vec![s("t"), Value::from(1), record]));
+    let mut dec = ForwardDecoder::new(64 << 20, 1 << 20).with_max_record_bytes(max_record);
+    dec.feed(&f);
+    match dec.next(NOW)? {
+        Some(Message::Events(mut e)) => Ok(events_of(&mut e)?.remove(0).1),
+        _ => panic!("no events"),
+    }
+}
+
+/// A record that transcodes to more than `max_record_bytes` is cut just past it (and its
+/// frame still decodes), whatever makes it long.
+#[test]
+fn transcoding_stops_at_max_record_bytes() {
+    let nils = map(&[("k", Value::Array(vec![Value::Nil; 200_000]))]);
+    let long_str = map(&[("k", s(&"\u{1}".repeat(200_000)))]);
+    let long_key = Value::Map(vec![(Value::Array(vec![Value::Nil; 200_000]), Value::Nil)]);
+    for r in [nils, long_str, long_key] {
+        let j = one_record(1000, r).unwrap();
+        assert!(j.len() > 1000 && j.len() <= 1001 * 6 + 64, "{}", j.len());
+    }
+    // within the limit: whole and valid
+    let j = one_record(1000, rec(1)).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&j).unwrap(),
+        json!({"i": 1, "msg": "hello"})
+    );
+}
+
+fn nested(depth: usize) -> Value {
+    let mut v = Value::Nil;
+    for _ in 0..depth {
+        v = Value::Array(vec![v]);
+    }
+    map(&[("k", v)])
+}
+
+#[test]
+fn nesting_is_bounded_the_same_when_checking_and_transcoding() {
+    // the record map is level 0, its value level 1: 64 arrays put the nil at level 65
+    assert!(one_record(1 << 20, nested(63)).is_ok());
+    assert!(matches!(
+        one_record(1 << 20, nested(64)),
+        Err(DecodeError::Msgpack { what, .. }) if what.contains("nested")
+    ));
+    // metadata too
+    let f = enc(&Value::Array(vec![
+        s("t"),
+        Value::Array(vec![Value::Array(vec![
+            Value::Array(vec![Value::from(1), nested(64)]),
+            rec(1),
+        ])]),
+    ]));
+    assert!(decode_all(&f).is_err());
+}
+
+fn arb_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Nil),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        ".{0,40}".prop_map(|x: String| Value::from(x)),
+        proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::Binary),
+        (any::<i8>(), proptest::collection::vec(any::<u8>(), 0..16))
+            .prop_map(|(t, d)| Value::Ext(t, d)),
+    ];
+    leaf.prop_recursive(80, 400, 8, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+            proptest::collection::vec((inner.clone(), inner), 0..8).prop_map(Value::Map),
+        ]
+    })
+}
+
+/// Levels below `v` that hold a value.
+fn depth_of(v: &Value) -> usize {
+    let below = match v {
+        Value::Array(a) => a.iter().map(depth_of).max(),
+        Value::Map(m) => m.iter().map(|(k, v)| depth_of(k).max(depth_of(v))).max(),
+        _ => None,
+    };
+    below.map_or(0, |d| d + 1)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any record: accepted iff nested at most 64 levels; output bounded by the record
+    /// limit (escaping can grow a cut string up to 6×); valid JSON when not cut.
+    #[test]
+    fn records_are_bounded_in_depth_and_size(v in arb_value(), max in 64usize..4096) {
+        let rec = map(&[("v", v.clone())]);
+        let r = one_record(max, rec);
+        let depth = 1 + depth_of(&v);
+        prop_assert_eq!(r.is_ok(), depth <= 64, "depth {}", depth);
+        if let Ok(j) = r {
+            prop_assert!(j.len() <= 6 * (max + 1) + 2 * depth + 16, "{} > limit {}", j.len(), max);
+            if j.len() <= max {
+                prop_assert!(serde_json::from_slice::<serde_json::Value>(&j).is_ok());
+            }
+        }
+    }
+
+    /// Headers claiming more items or bytes than the frame limit are refused at once;
+    /// smaller claims wait for their bytes (nothing is allocated for the claim).
+    #[test]
+    fn claimed_counts_and_sizes_are_bounded(marker in prop::sample::select(vec![0xdcu8, 0xdd, 0xde, 0xdf, 0xc6, 0xdb, 0xc9]),
+                                           claim in any::<u32>(), max in 16usize..100_000) {
+        let mut f = vec![0x92, 0xa1, b't', marker];
+        match marker {
+            0xdc | 0xde => f.extend_from_slice(&(claim as u16).to_be_bytes()),
+            0xc9 => { f.extend_from_slice(&claim.to_be_bytes()); f.push(1); }
+            _ => f.extend_from_slice(&claim.to_be_bytes()),
+        }
+        let mut dec = ForwardDecoder::new(max, max);
+        dec.feed(&f);
+        match dec.next(NOW) {
+            Ok(None) | Err(DecodeError::TooLarge { .. }) | Err(DecodeError::Protocol(_)) => {}
+            other => prop_assert!(false, "{:?}", other.map(|_| ())),
+        }
+        prop_assert!(dec.buffered() == f.len() || dec.next(NOW).is_err());
+    }
 
     #[test]
     fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2048),
@@ -420,10 +718,10 @@ proptest! {
             last = c;
             loop {
                 match dec.next(NOW) {
-                    Ok(Some(Message::Events(e))) => {
-                        for (_, j) in e.iter() {
-                            // whatever is returned is valid JSON
-                            serde_json::from_slice::<serde_json::Value>(j).unwrap();
+                    Ok(Some(Message::Events(mut e))) => {
+                        // a checked frame transcodes without error, to valid JSON
+                        for (_, j) in events_of(&mut e).unwrap() {
+                            serde_json::from_slice::<serde_json::Value>(&j).unwrap();
                         }
                     }
                     Ok(Some(Message::Ping(_))) => {}
