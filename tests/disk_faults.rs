@@ -126,14 +126,20 @@ fn full_spool_disk_keeps_every_record_it_claims() {
         "--drain-timeout",
         "3s",
     ];
-    let n = 10_000u64;
+    let n = 20_000u64;
     let mut col = c.start_collector("col-1", &list, true, &flags);
     let mut stdin = col.proc.take_stdin();
-    stdin.write_all(&records(0..n / 2)).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    let (freed_tx, freed_rx) = std::sync::mpsc::channel::<()>();
+    // far more than the free space, then (once the filler is gone) the rest
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&records(0..12_000)).unwrap();
+        let _ = freed_rx.recv_timeout(Duration::from_secs(30));
+        stdin.write_all(&records(12_000..n)).unwrap();
+    });
+    std::thread::sleep(Duration::from_secs(4));
     fs::remove_file(&filler).unwrap();
-    stdin.write_all(&records(n / 2..n)).unwrap();
-    drop(stdin);
+    freed_tx.send(()).unwrap();
+    writer.join().unwrap();
     let st = col.proc.wait_exit(Duration::from_secs(60));
     let out = col.proc.output();
     assert!(!st.success(), "nothing could be delivered: {st}");
