@@ -826,13 +826,14 @@ fn status_and_logs_redact_url_credentials() {
     let admin = format!("127.0.0.1:{}", free_tcp());
     let quic = free_udp();
     let mut args = node_args("aggregator", "agg-1", d, &admin);
+    for a in args.iter_mut().filter(|a| *a == "127.0.0.1:0") {
+        *a = format!("127.0.0.1:{quic}");
+    }
     args.extend([
         "--config".into(),
         cfg.display().to_string(),
         "--discovery".into(),
         "static".into(),
-        "--listen".into(),
-        format!("127.0.0.1:{quic}"),
     ]);
     let mut agg = Proc::spawn(d, "agg-1", &args, admin.clone(), false);
     agg.wait_healthy();
