@@ -6,7 +6,9 @@
 #   2. `kubectl kustomize` renders the base and every overlay, and the rendered objects
 #      validate too (and every kind in them has a schema);
 #   3. `systemd-analyze verify` accepts the systemd units, with and without the drop-in, and
-#      prints no warning.
+#      prints no warning;
+#   4. no rendered workload mounts a Secret that could hold the cluster CA key (logmesh-ca),
+#      no collector pod mounts aggregator keys, and every Secret volume is 0400.
 # Exits non-zero on the first failing group, after printing every failure of that group.
 # The test that runs the manifests' and units' command lines against the binary is
 # tests/deploy.rs (cargo test --test deploy); it needs kubectl and etcd, which this script
@@ -90,9 +92,43 @@ k8s_checks() {
         local before=$fail
         fail=0
         validate "$tmp/$name.yaml" "rendered $dir"
+        secret_checks "$tmp/$name.yaml" "rendered $dir"
         [ "$fail" -eq 0 ] && note "rendered and validated $dir ($(grep -c '^kind:' "$tmp/$name.yaml") objects)"
         [ "$before" -eq 0 ] || fail=1
     done
+}
+
+# secret_checks FILE LABEL: the PKI rules of deploy/README.md on a rendered manifest.
+secret_checks() {
+    local out
+    if ! out=$(python3 - "$1" <<'PY' 2>&1
+import sys, yaml
+bad = []
+for obj in yaml.safe_load_all(open(sys.argv[1])):
+    if not obj or obj.get("kind") not in ("StatefulSet", "DaemonSet", "Deployment", "Job", "Pod"):
+        continue
+    spec = obj["spec"]["template"]["spec"] if "template" in obj.get("spec", {}) else obj["spec"]
+    where = f'{obj["kind"]} {obj["metadata"]["name"]}'
+    for v in spec.get("volumes", []):
+        sec = v.get("secret")
+        if not sec:
+            continue
+        name = sec.get("secretName", "")
+        if name == "logmesh-ca":
+            bad.append(f"{where} mounts Secret logmesh-ca (the cluster CA key stays off the cluster)")
+        if obj["kind"] == "DaemonSet" and "aggregator" in name:
+            bad.append(f"{where} (collectors) mounts Secret {name}")
+        if sec.get("defaultMode", 0o644) & 0o077:
+            bad.append(f"{where}: Secret volume {v['name']} has defaultMode {sec.get('defaultMode', 0o644):o}; use 0400")
+print("\n".join(bad))
+sys.exit(1 if bad else 0)
+PY
+    ); then
+        bad "$2: secret rules:"
+        printf '%s\n' "$out" | sed 's/^/    /'
+    else
+        note "secret rules hold for $2"
+    fi
 }
 
 systemd_checks() {

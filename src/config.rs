@@ -123,6 +123,81 @@ where
     }
 }
 
+/// Refuses a secret file (private key, gossip keyring, admin token) that other users could
+/// read: any permission for others, or for the group unless the file belongs to root and the
+/// group may only read it (how Kubernetes mounts a Secret with `fsGroup`). Symlinks are
+/// followed. A missing file is not an error here (the reader reports it).
+pub fn check_secret_file(path: &Path, what: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let mode = meta.mode() & 0o777;
+    let root_group_read = meta.uid() == 0 && mode & 0o070 == 0o040;
+    if mode & 0o007 != 0 || (mode & 0o070 != 0 && !root_group_read) {
+        return Err(format!(
+            "the {what} {p} is readable by other users (mode {mode:04o}): run `chmod 600 {p}`",
+            p = path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Writes a secret file with mode 0600 from creation on (never briefly readable by others).
+/// Refuses to replace an existing file unless `overwrite`.
+pub fn write_secret_file(path: &Path, contents: &[u8], overwrite: bool) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).mode(0o600);
+    if overwrite {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let mut f = opts.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            format!(
+                "{} already exists: pass --force to replace it",
+                path.display()
+            )
+        } else {
+            format!("cannot write {}: {e}", path.display())
+        }
+    })?;
+    // `mode` applies only on creation; an overwritten file is made private too
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| f.write_all(contents))
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// `s` with the user-info of every URL in it (`scheme://user:password@host`) replaced by
+/// `***`, for anything shown in logs or `/status`.
+pub fn redact_userinfo(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // the authority ends at the first '/', '?', '#', whitespace or quote
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Parse a duration such as "200ms", "5s", "1m" or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
@@ -190,6 +265,63 @@ mod tests {
         assert_eq!(a.tail, vec!["/a/*.log"]);
         assert!(a.stdin);
         assert_eq!(a.label, vec!["host=h1"]);
+    }
+
+    #[test]
+    fn userinfo_is_redacted() {
+        assert_eq!(
+            redact_userinfo("POST http://u:p@h:1/x failed; see https://h2/a@b"),
+            "POST http://***@h:1/x failed; see https://h2/a@b"
+        );
+        assert_eq!(redact_userinfo("no url here"), "no url here");
+        assert_eq!(
+            redact_userinfo("\"nats://tok@n:4222\""),
+            "\"nats://***@n:4222\""
+        );
+    }
+
+    #[test]
+    fn secret_files_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        std::fs::write(&p, "x").unwrap();
+        // group read is accepted on root-owned files only (Kubernetes Secrets under fsGroup)
+        let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&p).unwrap()) == 0;
+        for (mode, ok) in [
+            (0o600, true),
+            (0o400, true),
+            (0o644, false),
+            (0o640, root),
+            (0o660, false),
+            (0o604, false),
+        ] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = check_secret_file(&p, "key");
+            assert_eq!(r.is_ok(), ok, "{mode:o}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.contains(&format!("chmod 600 {}", p.display())), "{e}");
+            }
+        }
+        assert!(check_secret_file(&d.path().join("missing"), "key").is_ok());
+    }
+
+    #[test]
+    fn secret_files_are_written_private_and_not_replaced() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        write_secret_file(&p, b"one", false).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let e = write_secret_file(&p, b"two", false).unwrap_err();
+        assert!(e.contains("--force"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"one");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_secret_file(&p, b"two", true).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]

@@ -69,23 +69,58 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Certs(CertsCommand::InitCollectorCa {
+            dir,
+            out_dir,
+            days,
+            force,
+        }) => {
+            logmesh::transport::certs::init_collector_ca(&dir, &out_dir, days, force)?;
+            let o = out_dir.display();
+            println!("wrote {o}/collector-ca.pem, {o}/collector-ca.key and {o}/ca.pem");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Certs(CertsCommand::Issue {
             dir,
+            issuer,
+            out_dir,
             name,
             role,
             days,
         }) => {
-            let role: logmesh::transport::CertRole = role.parse()?;
-            logmesh::transport::certs::issue(&dir, &name, role, days)?;
+            use logmesh::transport::{certs, CertError, CertRole};
+            let role: CertRole = role.parse()?;
+            let out = match (dir, issuer, out_dir) {
+                (_, Some(issuer), Some(out)) => {
+                    if role != CertRole::Collector {
+                        return Err(CertError::IssuerRole(role).into());
+                    }
+                    certs::issue_collector(&issuer, &out, &name, days)?;
+                    out
+                }
+                (Some(dir), _, _) => {
+                    certs::issue(&dir, &name, role, days)?;
+                    dir
+                }
+                _ => anyhow::bail!("give --dir (cluster CA) or --issuer with --out-dir"),
+            };
             println!(
                 "wrote {}/{name}.pem and {}/{name}.key ({role})",
-                dir.display(),
-                dir.display()
+                out.display(),
+                out.display()
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keygen => {
-            println!("{}", logmesh::discovery::gossip::generate_key());
+        Command::Keygen(a) => {
+            let key = format!("{}\n", logmesh::discovery::gossip::generate_key());
+            match &a.out {
+                Some(out) => {
+                    logmesh::config::write_secret_file(out, key.as_bytes(), a.force)
+                        .map_err(anyhow::Error::msg)?;
+                    eprintln!("wrote a new gossip key to {} (mode 0600)", out.display());
+                }
+                None => print!("{key}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(a) => Ok(verdict(cli::status::run(&a)?)),

@@ -183,7 +183,15 @@ fn run_to_end(what: &str, mut cmd: Command, timeout: Duration) -> String {
 }
 
 fn http_get(url: &str) -> Result<(u16, String), String> {
-    match ureq::get(url).timeout(Duration::from_secs(2)).call() {
+    http_get_with(url, None)
+}
+
+fn http_get_with(url: &str, token: Option<&str>) -> Result<(u16, String), String> {
+    let mut req = ureq::get(url).timeout(Duration::from_secs(2));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    match req.call() {
         Ok(r) => {
             let code = r.status();
             Ok((code, r.into_string().unwrap_or_default()))
@@ -213,13 +221,14 @@ fn wait_200(proc: &mut Proc, url: &str, within: Duration) {
     );
 }
 
-/// Poll a node's /status until it sees `n` routable (ring share, ready) aggregators.
-fn wait_aggregators(proc: &mut Proc, admin: &str, n: usize, within: Duration) {
+/// Poll a node's /status (with the admin `token`, if any) until it sees `n` routable (ring
+/// share, ready) aggregators.
+fn wait_aggregators(proc: &mut Proc, admin: &str, token: Option<&str>, n: usize, within: Duration) {
     let deadline = Instant::now() + within;
     let mut last = String::new();
     while Instant::now() < deadline {
         proc.assert_running();
-        if let Ok((200, body)) = http_get(&format!("{admin}/status")) {
+        if let Ok((200, body)) = http_get_with(&format!("{admin}/status"), token) {
             let st: Value = serde_json::from_str(&body).unwrap();
             let routable = st["members"]
                 .as_array()
@@ -406,33 +415,97 @@ struct Secrets {
     dir: tempfile::TempDir,
 }
 
+/// StatefulSet ordinals the runbook issues aggregator certificates for (its replicas: 3).
+const AGGREGATOR_ORDINALS: usize = 3;
+
 impl Secrets {
-    /// `logmesh certs init --dir ca` (deploy/README.md); the gossip keyring is made when a
-    /// pod first mounts it.
+    /// As deploy/README.md says: the cluster CA stays on the admin machine (`cluster-ca`, not
+    /// a Secret); the cluster gets aggregator certificates per ordinal, a collector-only
+    /// intermediate CA, the admin token and (when a pod first mounts it) the gossip keyring.
     fn make() -> Secrets {
         let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("logmesh-ca");
-        let mut c = clean_command(BIN);
-        c.args(["certs", "init", "--dir"]).arg(&ca);
-        run_to_end("logmesh certs init", c, Duration::from_secs(20));
+        let ca = dir.path().join("cluster-ca");
+        let logmesh = |what: &str, args: &[&std::ffi::OsStr]| {
+            let mut c = clean_command(BIN);
+            c.args(args);
+            run_to_end(what, c, Duration::from_secs(20))
+        };
+        let os = |s: &str| std::ffi::OsString::from(s);
+        logmesh(
+            "logmesh certs init",
+            &[&os("certs"), &os("init"), &os("--dir"), ca.as_os_str()],
+        );
+        let agg = dir.path().join("logmesh-aggregator-tls");
+        fs::create_dir_all(&agg).unwrap();
+        for i in 0..AGGREGATOR_ORDINALS {
+            let name = format!("logmesh-aggregator-{i}");
+            logmesh(
+                "logmesh certs issue",
+                &[
+                    &os("certs"),
+                    &os("issue"),
+                    &os("--dir"),
+                    ca.as_os_str(),
+                    &os("--name"),
+                    &os(&name),
+                    &os("--role"),
+                    &os("aggregator"),
+                ],
+            );
+            for ext in ["pem", "key"] {
+                let f = format!("{name}.{ext}");
+                fs::copy(ca.join(&f), agg.join(&f)).unwrap();
+            }
+        }
+        fs::copy(ca.join("ca.pem"), agg.join("ca.pem")).unwrap();
+        logmesh(
+            "logmesh certs init-collector-ca",
+            &[
+                &os("certs"),
+                &os("init-collector-ca"),
+                &os("--dir"),
+                ca.as_os_str(),
+                &os("--out-dir"),
+                dir.path().join("logmesh-collector-ca").as_os_str(),
+            ],
+        );
+        let token = dir.path().join("logmesh-admin-token");
+        fs::create_dir_all(&token).unwrap();
+        logmesh(
+            "logmesh keygen --out token",
+            &[&os("keygen"), &os("--out"), token.join("token").as_os_str()],
+        );
         Secrets { dir }
     }
 
-    /// `logmesh keygen > keyring` (deploy/README.md).
+    /// The cluster CA directory (ca.pem, ca.key) on the admin machine.
+    fn cluster_ca(&self) -> PathBuf {
+        self.dir.path().join("cluster-ca")
+    }
+
+    /// The admin bearer token (Secret logmesh-admin-token, key `token`).
+    fn admin_token(&self) -> String {
+        fs::read_to_string(self.dir.path().join("logmesh-admin-token/token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// `logmesh keygen --out keyring` (deploy/README.md).
     fn make_gossip(&self) {
         let gossip = self.dir.path().join("logmesh-gossip");
         if gossip.exists() {
             return;
         }
+        fs::create_dir_all(&gossip).unwrap();
         let mut c = clean_command(BIN);
-        c.arg("keygen");
-        let key = run_to_end("logmesh keygen", c, Duration::from_secs(20));
+        c.args(["keygen", "--out"]).arg(gossip.join("keyring"));
+        run_to_end("logmesh keygen --out keyring", c, Duration::from_secs(20));
+        let key = fs::read_to_string(gossip.join("keyring")).unwrap();
         assert!(
             !key.trim().is_empty(),
-            "`logmesh keygen` printed no key (the runbook puts its output in the keyring)"
+            "`logmesh keygen --out` wrote no key (the runbook puts it in the keyring)"
         );
-        fs::create_dir_all(&gossip).unwrap();
-        fs::write(gossip.join("keyring"), key).unwrap();
     }
 
     /// The files of Secret `name` (as `kubectl create secret generic --from-file` would store).
@@ -635,18 +708,47 @@ impl<'a> Pod<'a> {
             .clone()
     }
 
-    /// Run the init containers to completion, then start `container`.
+    /// Run the init containers to completion, check the container's config file with
+    /// `logmesh check-config` (under the container's environment), then start `container`.
     fn start(&self, container: &str) -> Proc {
         for c in self.spec["initContainers"].as_array().into_iter().flatten() {
             let what = format!("{} init container {}", self.name, c["name"]);
             run_to_end(&what, self.command(c), Duration::from_secs(30));
         }
         let c = self.container(container);
+        self.check_config(&c);
         Proc::spawn(
             &format!("{}/{container}", self.name),
             self.command(&c),
             self.dir.path().join(format!("{container}.log")),
         )
+    }
+
+    /// `logmesh check-config` on the `--config` file the container runs, with its environment
+    /// (and the node id its command derives from the init container's `node-id` file).
+    fn check_config(&self, c: &Value) {
+        let subst = self.subst();
+        let env = self.env(c);
+        let argv: Vec<String> = str_list(&c["command"])
+            .into_iter()
+            .chain(str_list(&c["args"]))
+            .map(|a| subst.apply(&expand_k8s(&a, &env)))
+            .collect();
+        let words: Vec<&str> = argv.iter().flat_map(|a| a.split_whitespace()).collect();
+        let config = words
+            .windows(2)
+            .find(|w| w[0] == "--config")
+            .map(|w| w[1].to_string())
+            .unwrap_or_else(|| panic!("{}: no --config in {argv:?}", self.name));
+        let mut cmd = clean_command(BIN);
+        cmd.args(["check-config", &config]).envs(env.clone());
+        if !env.iter().any(|(k, _)| k == "LOGMESH_NODE_ID") {
+            let tls = self.subst().apply("/run/logmesh/tls/node-id");
+            let id = fs::read_to_string(tls).unwrap();
+            cmd.env("LOGMESH_NODE_ID", id.trim());
+        }
+        let what = format!("{}: logmesh check-config {config}", self.name);
+        run_to_end(&what, cmd, Duration::from_secs(20));
     }
 
     /// The URL a probe of `container` hits (httpGet on a named or numbered port).
@@ -831,6 +933,7 @@ fn run_kubernetes(dir: &str, etcd: Option<&Etcd>) {
     let sts = find(&objs, "StatefulSet", "logmesh-aggregator").clone();
     let ds = find(&objs, "DaemonSet", "logmesh-collector").clone();
     let secrets = Secrets::make();
+    let token = secrets.admin_token();
     let agg_ports: Vec<Ports> = (0..2).map(|_| Ports::default()).collect();
     let seed = agg_ports[0].clone();
     let etcd_port = etcd.map(|e| e.port);
@@ -890,6 +993,7 @@ fn run_kubernetes(dir: &str, etcd: Option<&Etcd>) {
         wait_aggregators(
             proc,
             &pod.admin_url("collector"),
+            Some(&token),
             2,
             Duration::from_secs(30),
         );
@@ -898,9 +1002,13 @@ fn run_kubernetes(dir: &str, etcd: Option<&Etcd>) {
         wait_aggregators(
             proc,
             &pod.admin_url("aggregator"),
+            Some(&token),
             2,
             Duration::from_secs(30),
         );
+        // off loopback, everything but the probes needs the token
+        let (code, _) = http_get(&format!("{}/status", pod.admin_url("aggregator"))).unwrap();
+        assert_eq!(code, 401, "{}: /status without the token", pod.name);
     }
 
     // A container log line where the kubelet would write it, on the first node.
@@ -934,6 +1042,50 @@ fn run_kubernetes(dir: &str, etcd: Option<&Etcd>) {
         "the log line written to {log_dir} on a node did not reach any aggregator's output"
     );
     eprintln!("delivered: {found:?}");
+}
+
+/// No pod of the base or the etcd overlay mounts a Secret holding the cluster CA key; the
+/// collector pods hold no aggregator key either (only the collector-only CA, whose certificates
+/// the mesh accepts for the collector role only).
+#[test]
+fn kubernetes_pods_never_hold_a_key_that_can_mint_aggregators() {
+    let secrets = Secrets::make();
+    let ca_key = fs::read(secrets.cluster_ca().join("ca.key")).unwrap();
+    for dir in ["deploy/kubernetes/base", "deploy/kubernetes/overlays/etcd"] {
+        let objs = kustomize(dir);
+        for (kind, name) in [
+            ("StatefulSet", "logmesh-aggregator"),
+            ("DaemonSet", "logmesh-collector"),
+        ] {
+            let w = find(&objs, kind, name);
+            let vols = w["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+            let mut mounted = Vec::new();
+            for v in vols {
+                let Some(secret) = v["secret"]["secretName"].as_str() else {
+                    continue;
+                };
+                for (file, bytes) in secrets.files(secret) {
+                    assert!(
+                        file != "ca.key" && bytes != ca_key,
+                        "{dir}: {kind} {name} mounts the cluster CA key (Secret {secret}, {file})"
+                    );
+                    if kind == "DaemonSet" {
+                        assert!(
+                            !(file.ends_with(".key") && file.starts_with("logmesh-aggregator")),
+                            "{dir}: collectors mount an aggregator key ({secret}/{file})"
+                        );
+                    }
+                    mounted.push(format!("{secret}/{file}"));
+                }
+            }
+            if kind == "DaemonSet" {
+                assert!(
+                    mounted.iter().any(|f| f.ends_with("/collector-ca.key")),
+                    "{dir}: collectors should issue their certificates from the collector CA: {mounted:?}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -1032,8 +1184,9 @@ impl Host {
         let config: toml::Table = rewritten.parse().unwrap();
 
         // certificates: the CA stays on the admin machine; the host gets ca.pem and its own
-        for (name, bytes) in secrets.files("logmesh-ca") {
-            fs::write(etc.join("tls").join(name), bytes).unwrap();
+        let ca = secrets.cluster_ca();
+        for name in ["ca.pem", "ca.key"] {
+            fs::copy(ca.join(name), etc.join("tls").join(name)).unwrap();
         }
         let mut c = clean_command(BIN);
         c.args(["certs", "issue", "--dir"])
@@ -1041,9 +1194,11 @@ impl Host {
             .args(["--name", node_id, "--role", role]);
         run_to_end("logmesh certs issue", c, Duration::from_secs(20));
         fs::remove_file(etc.join("tls/ca.key")).unwrap();
+        // the keyring is copied as the runbook says: `install -m 600`
         for (name, bytes) in secrets.files("logmesh-gossip") {
             assert_eq!(name, "keyring");
             fs::write(etc.join("gossip.keyring"), bytes).unwrap();
+            chmod(&etc.join("gossip.keyring"), 0o600);
         }
 
         let unit = unit_service(&sd.join(format!("logmesh-{role}.service")));
@@ -1114,7 +1269,7 @@ fn systemd_units_run_as_written() {
         &format!("{}/readyz", admin(&config)),
         Duration::from_secs(30),
     );
-    wait_aggregators(&mut col, &admin(&config), 2, Duration::from_secs(30));
+    wait_aggregators(&mut col, &admin(&config), None, 2, Duration::from_secs(30));
 
     let marker = format!("deploy-systemd-{}", std::process::id());
     fs::write(

@@ -1,7 +1,7 @@
 //! Security tests with the real binary: mutual TLS refuses foreign certificates and wrong
 //! node names, nodes refuse to start with a certificate for another node, malformed and
-//! oversized frames from an authenticated peer close only that connection, and `--insecure`
-//! on both ends works.
+//! oversized frames from an authenticated peer close only that connection, `--insecure`
+//! on both ends works, and the collector-only intermediate CA is good for collectors only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod util;
@@ -427,4 +427,232 @@ fn insecure_on_both_ends_delivers() {
     });
     let sink = read_sink(&a1.out_dir);
     assert_eq!(sink["sec"].len(), 500);
+}
+
+/// Present `chain`/`key` (files) to the aggregator at `addr` (trusting `ca`), send one batch
+/// frame from `collector` and return the aggregator's reply, or why there was none. Builds the
+/// TLS client by hand: the node's own start-up check would refuse a forged chain.
+async fn send_batch_as(
+    ca: &std::path::Path,
+    chain: &std::path::Path,
+    key: &std::path::Path,
+    addr: SocketAddr,
+    collector: &str,
+) -> Result<logmesh::wire::Ack, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(chain)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![logmesh::transport::tls::ALPN.to_vec()];
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    let mut ep = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(qc)));
+
+    let line = b"{\"svc\":\"cca\"}\n".to_vec();
+    let chunk = logmesh::wire::StreamChunk {
+        key: "cca".into(),
+        count: 1,
+        data: line.clone(),
+    };
+    let header = logmesh::wire::BatchHeader {
+        collector: collector.into(),
+        batch_id: 1,
+        records: 1,
+        raw_len: line.len() as u64,
+        ring_version: 0,
+    };
+    let (mut scratch, mut frame) = (Vec::new(), Vec::new());
+    logmesh::wire::encode_batch(&header, &[chunk], 1, &mut scratch, &mut frame).unwrap();
+
+    let result = tokio::time::timeout(Duration::from_secs(15), async {
+        let conn = ep
+            .connect(addr, "agg-1")
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let reply = recv
+            .read_to_end(1 << 16)
+            .await
+            .map_err(|e| format!("no reply: {e}"))?;
+        logmesh::wire::decode_ack(&reply).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".into()));
+    ep.close(0u32.into(), b"done");
+    result
+}
+
+#[test]
+fn collector_ca_certificates_are_good_for_collectors_only() {
+    let mut c = Cluster::new(&[("agg-1", "aggregator")]);
+    let tls = c.tls.to_str().unwrap().to_string();
+    let cca = c.path().join("collector-ca");
+    let issued = c.path().join("issued");
+    run_ok(&[
+        "certs",
+        "init-collector-ca",
+        "--dir",
+        &tls,
+        "--out-dir",
+        cca.to_str().unwrap(),
+    ]);
+    let key_mode = {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(cca.join("collector-ca.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(key_mode, 0o600);
+    run_ok(&[
+        "certs",
+        "issue",
+        "--issuer",
+        cca.to_str().unwrap(),
+        "--out-dir",
+        issued.to_str().unwrap(),
+        "--name",
+        "col-9",
+        "--role",
+        "collector",
+    ]);
+    // the CLI issues collector certificates only from it
+    let o = Command::new(BIN)
+        .args(["certs", "issue", "--issuer"])
+        .arg(&cca)
+        .arg("--out-dir")
+        .arg(&issued)
+        .args(["--name", "agg-9", "--role", "aggregator"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("only collector certificates"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // a collector with a certificate from the collector CA delivers
+    let a1 = c.start_aggregator("agg-1", &[]);
+    let p = |f: &str| issued.join(f).to_str().unwrap().to_string();
+    let (ok, out) = run_collector(
+        &mut c,
+        "col-9",
+        &a1.static_entry(),
+        100,
+        &[
+            "--ca",
+            &p("ca.pem"),
+            "--cert",
+            &p("col-9.pem"),
+            "--key",
+            &p("col-9.key"),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(ok, "collector from the collector CA: {}", tail(&out, 20));
+    wait_until(Duration::from_secs(15), "100 records in the sink", || {
+        count_sink_lines(&a1.out_dir) >= 100
+    });
+
+    // a thief of the collector CA key mints an aggregator and an admin certificate
+    let forged = c.path().join("forged");
+    let cert_days = 30;
+    for (name, role) in [
+        ("agg-9", logmesh::transport::CertRole::Aggregator),
+        ("adm-9", logmesh::transport::CertRole::Admin),
+    ] {
+        logmesh::transport::certs::issue_from(&cca, &forged, name, role, cert_days).unwrap();
+    }
+    // ... which no aggregator starts with
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+    let out = expect_startup_failure(
+        &c,
+        "agg-9-forged",
+        &[
+            "aggregator",
+            "--node-id",
+            "agg-9",
+            "--tls-dir",
+            forged.to_str().unwrap(),
+            "--data-dir",
+            c.data_dir("agg-9").to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_udp_port()),
+            "--admin",
+            &admin.to_string(),
+            "--discovery",
+            "static",
+        ],
+        admin,
+    );
+    assert!(out.contains("collector CA"), "{out}");
+
+    // ... and which the aggregator refuses at the handshake, while col-9 is served
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = c.tls.join("ca.pem");
+    let before = a1.metric("logmesh_errors_total{kind=\"handshake\"}")
+        + a1.metric("logmesh_errors_total{kind=\"unauthorized\"}");
+    let f = |n: &str| forged.join(n);
+    for name in ["adm-9", "agg-9"] {
+        let r = rt.block_on(send_batch_as(
+            &ca,
+            &f(&format!("{name}.pem")),
+            &f(&format!("{name}.key")),
+            a1.quic,
+            name,
+        ));
+        assert!(
+            !matches!(r, Ok(logmesh::wire::Ack::Committed)),
+            "{name} from the collector CA was served: {r:?}"
+        );
+    }
+    let after = a1.metric("logmesh_errors_total{kind=\"handshake\"}")
+        + a1.metric("logmesh_errors_total{kind=\"unauthorized\"}");
+    assert!(
+        after >= before + 2.0,
+        "refusals not counted ({before} -> {after})"
+    );
+    let r = rt.block_on(send_batch_as(
+        &ca,
+        &issued.join("col-9.pem"),
+        &issued.join("col-9.key"),
+        a1.quic,
+        "col-9",
+    ));
+    assert!(
+        matches!(r, Ok(logmesh::wire::Ack::Committed)),
+        "col-9 through the same raw client: {r:?}"
+    );
+    wait_until(Duration::from_secs(15), "101 records in the sink", || {
+        count_sink_lines(&a1.out_dir) >= 101
+    });
+    assert_eq!(
+        count_sink_lines(&a1.out_dir),
+        101,
+        "only col-9's records arrive"
+    );
+    let mut a1 = a1;
+    a1.proc.assert_running();
 }

@@ -4,7 +4,9 @@
 //! Listens on localhost by default. Bound elsewhere, start-up requires a bearer token file
 //! (`--admin-token-file`, checked in `cli::node`): every endpoint but `/healthz` and
 //! `/readyz` then needs `Authorization: Bearer <token>`. The token and the cluster name are
-//! process-wide (one admin listener per process) and the token is replaced on SIGHUP.
+//! process-wide (one admin listener per process) and the token is replaced on SIGHUP (but never
+//! removed while the listener is off loopback). `POST /forget` always needs the token, even on
+//! loopback. `/status` redacts URL user-info.
 //! [`mesh`] builds the operator's view of the whole mesh; [`stats`] shares this node's
 //! summary with the mesh. This module must not change membership other than `forget`.
 
@@ -94,11 +96,27 @@ impl AdminState {
             uptime_secs: self.started.elapsed().as_secs(),
             backend: view.backend.clone(),
             degraded: view.degraded,
-            degraded_reason: view.degraded_reason.clone(),
+            degraded_reason: view
+                .degraded_reason
+                .as_deref()
+                .map(crate::config::redact_userinfo),
             ring_version: format!("{:016x}", ring.version()),
             members,
-            stats: (self.stats)(),
+            stats: redact_json((self.stats)()),
         }
+    }
+}
+
+/// Every string in `v` with URL user-info redacted (sink errors may quote their URL).
+fn redact_json(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => Value::String(crate::config::redact_userinfo(&s)),
+        Value::Array(a) => Value::Array(a.into_iter().map(redact_json).collect()),
+        Value::Object(o) => {
+            Value::Object(o.into_iter().map(|(k, v)| (k, redact_json(v))).collect())
+        }
+        other => other,
     }
 }
 
@@ -110,6 +128,24 @@ static CLUSTER: OnceLock<String> = OnceLock::new();
 pub fn set_token(token: Option<String>) {
     let mut t = TOKEN.write().unwrap_or_else(|e| e.into_inner());
     *t = token;
+}
+
+/// Whether the admin listener is bound off loopback (set by [`bind`]).
+static PUBLIC: AtomicBool = AtomicBool::new(false);
+
+/// Replace the token on a configuration reload. Refuses to remove it while the admin
+/// listener is bound off loopback (the listener address changes only at restart).
+pub fn replace_token(token: Option<String>) -> Result<(), String> {
+    if token.is_none() && PUBLIC.load(Ordering::Relaxed) {
+        return Err(
+            "the new configuration has no admin-token-file but the admin listener is bound off \
+             loopback until restart; keeping the old token (to remove it, bind --admin to \
+             127.0.0.1 and restart)"
+                .into(),
+        );
+    }
+    set_token(token);
+    Ok(())
 }
 
 /// Record the gossip cluster name shown in `/status`.
@@ -157,6 +193,23 @@ fn unauthorized(headers: &HeaderMap) -> Option<Response> {
                 .into_response(),
         )
     }
+}
+
+/// Like [`unauthorized`], but also refuses when no token is configured: for endpoints that
+/// change state, which must never be open, not even on loopback.
+fn unauthorized_always(headers: &HeaderMap) -> Option<Response> {
+    let configured = TOKEN.read().unwrap_or_else(|e| e.into_inner()).is_some();
+    if !configured {
+        return Some(
+            (
+                StatusCode::FORBIDDEN,
+                "this endpoint always needs the admin token: start the node with \
+                 --admin-token-file FILE and pass the same --admin-token-file to the client\n",
+            )
+                .into_response(),
+        );
+    }
+    unauthorized(headers)
 }
 
 async fn healthz() -> &'static str {
@@ -231,7 +284,7 @@ async fn forget(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = unauthorized(&headers) {
+    if let Some(r) = unauthorized_always(&headers) {
         return r;
     }
     match s.membership.forget(&id).await {
@@ -248,7 +301,9 @@ async fn forget(
 /// Bind the admin listener now (so a port conflict is reported before anything starts)
 /// and serve it until `cancel` fires.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
+    let l = tokio::net::TcpListener::bind(addr).await?;
+    PUBLIC.store(!addr.ip().is_loopback(), Ordering::Relaxed);
+    Ok(l)
 }
 
 pub fn spawn(listener: tokio::net::TcpListener, state: AdminState, cancel: CancellationToken) {

@@ -27,8 +27,9 @@ pub enum Command {
     /// Create a cluster CA and node certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
-    /// Print a new random gossip key (base64, 32 bytes) for --gossip-key-file.
-    Keygen,
+    /// Make a new random gossip key (base64, 32 bytes) for --gossip-key-file: printed, or
+    /// written to --out FILE with mode 0600.
+    Keygen(KeygenArgs),
     /// Show the whole mesh: members, states, ring shares, rates and problems.
     Status(StatusArgs),
     /// Show each aggregator's share of the keyspace, and who owns given stream keys.
@@ -54,10 +55,36 @@ pub enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Write DIR/NAME.pem and DIR/NAME.key, signed by the CA in DIR.
-    Issue {
+    /// Write a collector-only intermediate CA signed by the cluster CA in DIR:
+    /// OUT_DIR/collector-ca.pem, OUT_DIR/collector-ca.key and OUT_DIR/ca.pem. Its key can issue
+    /// collector certificates only (the mesh refuses other roles chained through it), so hosts
+    /// that mint their own collector certificates never need the cluster CA key.
+    InitCollectorCa {
+        /// Directory of the cluster CA (ca.pem, ca.key).
         #[arg(long)]
         dir: PathBuf,
+        /// Where to write the collector CA.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Replace an existing collector CA in OUT_DIR.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write DIR/NAME.pem and DIR/NAME.key, signed by the CA in DIR; or, with --issuer, a
+    /// collector certificate signed by the collector CA in ISSUER, written to OUT_DIR.
+    Issue {
+        /// Directory of the cluster CA (and of the written files).
+        #[arg(long, required_unless_present = "issuer", conflicts_with = "issuer")]
+        dir: Option<PathBuf>,
+        /// Directory of a collector CA (`certs init-collector-ca`); only --role collector.
+        #[arg(long, requires = "out_dir")]
+        issuer: Option<PathBuf>,
+        /// With --issuer: where to write NAME.pem (with the collector CA), NAME.key and ca.pem.
+        #[arg(long, requires = "issuer")]
+        out_dir: Option<PathBuf>,
         /// Node id (a DNS label, e.g. agg-1); collectors check aggregators by it.
         #[arg(long)]
         name: String,
@@ -116,9 +143,19 @@ pub struct NodeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reap_after: Option<String>,
     /// Plaintext-equivalent mode for experiments: no certificate checks, unencrypted gossip.
-    #[arg(long, env = "LOGMESH_INSECURE")]
-    #[serde(skip_serializing_if = "is_false")]
-    pub insecure: bool,
+    /// `--insecure=false` (or LOGMESH_INSECURE=false) overrides `insecure = true` in a file.
+    /// Refused together with TLS settings (--tls-dir, --ca, --cert, --key).
+    #[arg(
+        long,
+        env = "LOGMESH_INSECURE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_name = "BOOL",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub insecure: Option<bool>,
     /// Membership backend: gossip (default), etcd or static.
     #[arg(long, env = "LOGMESH_DISCOVERY")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -166,7 +203,8 @@ pub struct NodeArgs {
     #[arg(long, env = "LOGMESH_ETCD_USER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd_user: Option<String>,
-    #[arg(long, env = "LOGMESH_ETCD_PASSWORD")]
+    /// etcd password (prefer the LOGMESH_ETCD_PASSWORD environment variable; never shown).
+    #[arg(long, env = "LOGMESH_ETCD_PASSWORD", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd_password: Option<String>,
     /// CA bundle for etcd TLS.
@@ -375,7 +413,7 @@ pub struct SourceArgs {
     pub etcd_prefix: Option<String>,
     #[arg(long)]
     pub etcd_user: Option<String>,
-    #[arg(long, env = "LOGMESH_ETCD_PASSWORD")]
+    #[arg(long, env = "LOGMESH_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
     #[arg(long)]
     pub etcd_ca: Option<PathBuf>,
@@ -440,6 +478,16 @@ pub struct ForgetArgs {
     /// Bearer token file for --admin.
     #[arg(long, env = "LOGMESH_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KeygenArgs {
+    /// Write the key to FILE (created with mode 0600) instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Replace FILE if it exists.
+    #[arg(long, requires = "out")]
+    pub force: bool,
 }
 
 #[derive(Args, Debug, Clone)]

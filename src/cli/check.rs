@@ -1,8 +1,9 @@
 //! `logmesh check-config FILE`: validate a node's config file without starting anything —
 //! the same layering ([`config::layer`]) and validation (`aggregator::validate`,
 //! `collector::validate`) a node runs at start-up, so paths, addresses, certificates and
-//! their roles, regexes and templates are all checked. Environment variables and flags are
-//! not applied: the file is checked on its own.
+//! their roles, regexes and templates are all checked. `LOGMESH_*` environment variables are
+//! applied over the file as a node would (so a container's per-pod env, e.g. its node id,
+//! counts); flags are not.
 
 use std::path::Path;
 
@@ -35,11 +36,11 @@ pub fn check(file: &Path, role: Option<&str>) -> Result<Role, ConfigErrors> {
     };
     match role_name.as_str() {
         "aggregator" => {
-            let a = config::layer(&AggregatorArgs::default(), Some(table), &["role"])?;
+            let a = config::layer(&from_env::<AggregatorArgs>()?, Some(table), &["role"])?;
             aggregator::validate(&a).map(|_| Role::Aggregator)
         }
         "collector" => {
-            let a = config::layer(&CollectorArgs::default(), Some(table), &["role"])?;
+            let a = config::layer(&from_env::<CollectorArgs>()?, Some(table), &["role"])?;
             collector::validate(&a).map(|_| Role::Collector)
         }
         other => {
@@ -47,6 +48,21 @@ pub fn check(file: &Path, role: Option<&str>) -> Result<Role, ConfigErrors> {
                 "role",
                 format!("{other:?} is not a node role: expected \"aggregator\" or \"collector\""),
             );
+            Err(errs)
+        }
+    }
+}
+
+/// The node arguments the `LOGMESH_*` environment sets (no flags).
+fn from_env<A: clap::Args + clap::FromArgMatches>() -> Result<A, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let parsed = A::augment_args(clap::Command::new("logmesh"))
+        .try_get_matches_from(["logmesh"])
+        .and_then(|m| A::from_arg_matches(&m));
+    match parsed {
+        Ok(a) => Ok(a),
+        Err(e) => {
+            errs.push("(environment)", e.to_string());
             Err(errs)
         }
     }

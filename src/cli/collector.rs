@@ -318,6 +318,10 @@ fn forward_tls(a: &CollectorArgs, errs: &mut ConfigErrors) -> Option<Arc<rustls:
             return None;
         }
     };
+    if let Err(e) = crate::config::check_secret_file(&key, "private key") {
+        errs.push("forward-tls-key", e);
+        return None;
+    }
     let files = ForwardTlsFiles {
         cert,
         key,
@@ -519,6 +523,8 @@ mod forward_tls_tests {
         let key = d.path().join("c.key");
         std::fs::write(&cert, ck.cert.pem()).unwrap();
         std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let mut a = CollectorArgs {
             forward: Some("127.0.0.1:0".into()),
             forward_tls_cert: Some(cert.clone()),

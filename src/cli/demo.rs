@@ -141,10 +141,12 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
         certs::issue(&tls, &format!("col-{i}"), CertRole::Collector, 30)?;
     }
     let key_file = dir.join("gossip.key");
-    std::fs::write(
+    crate::config::write_secret_file(
         &key_file,
-        format!("{}\n", discovery::gossip::generate_key()),
-    )?;
+        format!("{}\n", discovery::gossip::generate_key()).as_bytes(),
+        true,
+    )
+    .map_err(anyhow::Error::msg)?;
     println!(
         "logmesh demo in {}: CA, 5 node certificates and a gossip key made",
         dir.display()

@@ -27,7 +27,12 @@ pub fn gossip(a: &NodeArgs, errs: &mut ConfigErrors) -> Option<GossipConfig> {
         }
         c.cluster = cl.clone();
     }
-    match (&a.gossip_key_file, a.insecure) {
+    if let Some(path) = &a.gossip_key_file {
+        if let Err(e) = crate::config::check_secret_file(path, "gossip key file") {
+            errs.push("gossip-key-file", e);
+        }
+    }
+    match (&a.gossip_key_file, a.insecure.unwrap_or(false)) {
         (Some(path), _) => match Keyring::from_file(path) {
             Ok(k) => c.keyring = Some(k),
             Err(e) => errs.push("gossip-key-file", e.to_string()),
@@ -48,6 +53,18 @@ pub fn etcd(a: &NodeArgs, errs: &mut ConfigErrors) -> Option<EtcdConfig> {
             "--discovery etcd needs at least one --etcd URL (e.g. http://127.0.0.1:2379)",
         );
         return None;
+    }
+    for e in &a.etcd {
+        if crate::config::redact_userinfo(e) != *e {
+            errs.push(
+                "etcd",
+                format!(
+                    "{} carries credentials in the URL, where logs and /status would show them: \
+                     give the user with --etcd-user and the password in LOGMESH_ETCD_PASSWORD",
+                    crate::config::redact_userinfo(e)
+                ),
+            );
+        }
     }
     let mut c = EtcdConfig::new(a.etcd.clone());
     if let Some(p) = &a.etcd_prefix {

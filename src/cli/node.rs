@@ -94,7 +94,35 @@ pub fn settings(
         Role::Aggregator => CertRole::Aggregator,
         Role::Collector | Role::Observer => CertRole::Collector,
     };
-    let security = if a.insecure {
+    let insecure = a.insecure.unwrap_or(false);
+    let tls_keys: Vec<&str> = [
+        ("tls-dir", a.tls_dir.is_some()),
+        ("ca", a.ca.is_some()),
+        ("cert", a.cert.is_some()),
+        ("key", a.key.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, set)| set.then_some(k))
+    .collect();
+    if insecure && !tls_keys.is_empty() {
+        errs.push(
+            "insecure",
+            format!(
+                "insecure is set together with {}: remove insecure (or override it with \
+                 --insecure=false / LOGMESH_INSECURE=false) to use TLS, or remove the TLS \
+                 settings for an insecure experiment",
+                tls_keys.join(", ")
+            ),
+        );
+    }
+    for (key, path) in [("key", &a.key), ("etcd-key", &a.etcd_key)] {
+        if let Some(p) = path {
+            if let Err(e) = crate::config::check_secret_file(p, "private key") {
+                errs.push(key, e);
+            }
+        }
+    }
+    let security = if insecure {
         Security::Insecure
     } else {
         let base = a.tls_dir.clone();
@@ -124,6 +152,11 @@ pub fn settings(
                 cert: cert.unwrap_or_default(),
                 key: key.unwrap_or_default(),
             };
+            if a.key.is_none() {
+                if let Err(e) = crate::config::check_secret_file(&files.key, "private key") {
+                    errs.push("tls-dir", e);
+                }
+            }
             if let Err(e) = files.validate(&id, cert_role) {
                 errs.push("tls-dir", e.to_string());
             }
@@ -138,7 +171,8 @@ pub fn settings(
         }
     };
     let admin_token = match &a.admin_token_file {
-        Some(p) => crate::admin::read_token_file(p)
+        Some(p) => crate::config::check_secret_file(p, "admin token file")
+            .and_then(|()| crate::admin::read_token_file(p))
             .map(Some)
             .unwrap_or_else(|e| {
                 errs.push("admin-token-file", e);
@@ -269,11 +303,12 @@ pub fn init_logging(format: &str, level: &str) {
 
 /// Apply the settings that can change without a restart: the log filter and the admin
 /// token. Everything else in `new` takes effect at the next start.
+/// A reload that would leave an off-loopback admin listener without a token is refused whole.
 pub fn apply_live(new: &NodeSettings) -> Result<(), String> {
+    crate::admin::replace_token(new.admin_token.clone())?;
     if let Some(set) = LOG_LEVEL.get() {
         set(&new.log_level)?;
     }
-    crate::admin::set_token(new.admin_token.clone());
     Ok(())
 }
 
@@ -311,7 +346,7 @@ where
                         log_level = %new.log_level,
                         "SIGHUP: configuration reloaded (log-level and admin-token-file applied; other keys apply at restart)"
                     ),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: cannot apply the new log level"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload refused"),
                 },
             }
         }

@@ -13,6 +13,14 @@
 //! **The SAN URI is the authority** for the role and name ([`parse_identity`]); the OU, when
 //! present with a `logmesh-` prefix, must agree with it or the certificate is rejected, and the
 //! URI's name must also be one of the certificate's SAN DNS names.
+//!
+//! # Collector-only intermediate CA
+//! The cluster CA (path length 1) may sign one kind of intermediate: a collector CA
+//! ([`init_collector_ca`], subject OU [`COLLECTOR_CA_OU`], path length 0). Hosts that issue
+//! their own collector certificates (a Kubernetes DaemonSet) hold its key instead of the
+//! cluster CA key. The mesh accepts a certificate chained through it only for the collector
+//! role (`tls::verify_identity_chain`); aggregator and admin certificates must be signed by the
+//! cluster CA directly.
 
 use std::fmt;
 use std::fs::{self, OpenOptions};
@@ -37,6 +45,12 @@ pub const ROLE_URI_PREFIX: &str = "logmesh://role/";
 pub const ROLE_OU_PREFIX: &str = "logmesh-";
 /// Validity of a CA created by [`init_ca`].
 pub const CA_VALIDITY_DAYS: u32 = 3650;
+/// Subject OU that marks a collector-only intermediate CA.
+pub const COLLECTOR_CA_OU: &str = "logmesh-collector-ca";
+/// File name of the collector intermediate CA certificate inside its directory.
+pub const COLLECTOR_CA_CERT_FILE: &str = "collector-ca.pem";
+/// File name of the collector intermediate CA private key inside its directory.
+pub const COLLECTOR_CA_KEY_FILE: &str = "collector-ca.key";
 
 /// The role a certificate grants to its holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -153,6 +167,43 @@ pub enum CertError {
         /// Parser message.
         detail: String,
     },
+    /// The cluster CA was made with path length 0 and cannot sign an intermediate.
+    #[error(
+        "the cluster CA {} cannot sign an intermediate CA (it was created with path length 0 by \
+         an older logmesh): recreate it with `logmesh certs init --force` and reissue the node \
+         certificates",
+        path.display()
+    )]
+    RootCannotSignIntermediate {
+        /// The cluster CA certificate.
+        path: PathBuf,
+    },
+    /// A collector CA already exists and `force` was not given.
+    #[error(
+        "a collector CA already exists in {}: pass --force to replace it",
+        dir.display()
+    )]
+    CollectorCaExists {
+        /// The output directory.
+        dir: PathBuf,
+    },
+    /// No collector CA in the issuer directory.
+    #[error(
+        "no collector CA in {dir}: run `logmesh certs init-collector-ca --dir <cluster CA dir> \
+         --out-dir {dir}` first",
+        dir = dir.display()
+    )]
+    NoCollectorCa {
+        /// The issuer directory.
+        dir: PathBuf,
+    },
+    /// The collector CA was asked for a non-collector certificate.
+    #[error(
+        "the collector CA issues only collector certificates (asked for {0}): the mesh refuses \
+         {0} certificates chained through it; issue them from the cluster CA with \
+         `logmesh certs issue --dir <cluster CA dir>`"
+    )]
+    IssuerRole(CertRole),
     /// Certificate generation failed.
     #[error("cannot generate {what}: {source}")]
     Generate {
@@ -227,7 +278,8 @@ pub fn init_ca(dir: &Path, force: bool) -> Result<(), CertError> {
     params
         .distinguished_name
         .push(DnType::OrganizationName, "logmesh");
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    // Path length 1: the cluster CA may sign collector CAs (path length 0), nothing deeper.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -256,85 +308,262 @@ pub fn issue(dir: &Path, name: &str, role: CertRole, days: u32) -> Result<(), Ce
     if days == 0 {
         return Err(CertError::InvalidDays(days));
     }
-    let ca_cert_path = dir.join(CA_CERT_FILE);
-    let ca_key_path = dir.join(CA_KEY_FILE);
-    if !ca_cert_path.exists() || !ca_key_path.exists() {
-        return Err(CertError::NoCa {
-            dir: dir.to_path_buf(),
-        });
-    }
-    let ca_pem = read_string(&ca_cert_path)?;
-    let ca_key_pem = read_string(&ca_key_path)?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| CertError::BadFile {
-        path: ca_key_path.clone(),
-        what: "PEM private key",
-        detail: e.to_string(),
+    let ca = Signer::load(dir, CA_CERT_FILE, CA_KEY_FILE, || CertError::NoCa {
+        dir: dir.to_path_buf(),
     })?;
-    let ca_params =
-        CertificateParams::from_ca_cert_pem(&ca_pem).map_err(|e| CertError::BadFile {
-            path: ca_cert_path.clone(),
-            what: "PEM CA certificate",
-            detail: e.to_string(),
-        })?;
-    if ca_spki(&ca_pem, &ca_cert_path)? != ca_key.public_key_der() {
-        return Err(CertError::CaKeyMismatch {
-            cert: ca_cert_path,
-            key: ca_key_path,
+    let (cert_pem, key_pem) = ca.sign_leaf(name, role, days)?;
+    write_file(&dir.join(format!("{name}.key")), key_pem.as_bytes(), true)?;
+    write_file(&dir.join(format!("{name}.pem")), cert_pem.as_bytes(), false)?;
+    Ok(())
+}
+
+/// Creates a collector-only intermediate CA signed by the cluster CA in `ca_dir`: writes
+/// `out_dir/collector-ca.pem`, `out_dir/collector-ca.key` (mode 0600) and a copy of the cluster
+/// CA certificate as `out_dir/ca.pem` (what nodes trust). Refuses to replace an existing one
+/// unless `force`.
+pub fn init_collector_ca(
+    ca_dir: &Path,
+    out_dir: &Path,
+    days: u32,
+    force: bool,
+) -> Result<(), CertError> {
+    if days == 0 {
+        return Err(CertError::InvalidDays(days));
+    }
+    let cert_path = out_dir.join(COLLECTOR_CA_CERT_FILE);
+    let key_path = out_dir.join(COLLECTOR_CA_KEY_FILE);
+    if !force && (cert_path.exists() || key_path.exists()) {
+        return Err(CertError::CollectorCaExists {
+            dir: out_dir.to_path_buf(),
         });
     }
-    // rcgen signs with an issuer `Certificate`; re-creating it from the parsed params and the CA
-    // key yields the same subject and key identifier, which is all that signing uses.
-    let issuer = ca_params
-        .self_signed(&ca_key)
-        .map_err(|source| CertError::Generate {
-            what: "CA issuer",
-            source,
-        })?;
-
+    let root = Signer::load(ca_dir, CA_CERT_FILE, CA_KEY_FILE, || CertError::NoCa {
+        dir: ca_dir.to_path_buf(),
+    })?;
+    if root.path_len()? == Some(0) {
+        return Err(CertError::RootCannotSignIntermediate {
+            path: ca_dir.join(CA_CERT_FILE),
+        });
+    }
     let key = KeyPair::generate().map_err(|source| CertError::Generate {
-        what: "node key",
+        what: "collector CA key",
         source,
     })?;
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, name);
+    let ca_id: u32 = rand::random();
     params.distinguished_name.push(
-        DnType::OrganizationalUnitName,
-        format!("{ROLE_OU_PREFIX}{role}"),
+        DnType::CommonName,
+        format!("logmesh collector CA {ca_id:08x}"),
     );
     params
         .distinguished_name
+        .push(DnType::OrganizationalUnitName, COLLECTOR_CA_OU);
+    params
+        .distinguished_name
         .push(DnType::OrganizationName, "logmesh");
-    params.subject_alt_names = vec![
-        SanType::DnsName(ia5(name)?),
-        SanType::URI(ia5(&role_uri(role, name))?),
-    ];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
     ];
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial());
-    set_validity(&mut params, days);
+    set_validity(&mut params, days.min(CA_VALIDITY_DAYS));
     let cert = params
-        .signed_by(&key, &issuer, &ca_key)
+        .signed_by(&key, &root.issuer, &root.key)
         .map_err(|source| CertError::Generate {
-            what: "node certificate",
+            what: "collector CA certificate",
             source,
         })?;
+    create_dir(out_dir)?;
+    write_file(&key_path, key.serialize_pem().as_bytes(), true)?;
+    write_file(&cert_path, cert.pem().as_bytes(), false)?;
+    write_file(&out_dir.join(CA_CERT_FILE), root.pem.as_bytes(), false)?;
+    Ok(())
+}
 
+/// Issues a collector certificate for `name` from the collector CA in `issuer_dir`: writes
+/// `out_dir/NAME.pem` (leaf then the collector CA certificate), `out_dir/NAME.key` (0600) and
+/// `out_dir/ca.pem` (the cluster CA), the layout `--tls-dir` expects.
+pub fn issue_collector(
+    issuer_dir: &Path,
+    out_dir: &Path,
+    name: &str,
+    days: u32,
+) -> Result<(), CertError> {
+    issue_from(issuer_dir, out_dir, name, CertRole::Collector, days)
+}
+
+/// What [`issue_collector`] does, for any role. Only the collector role is accepted by the
+/// mesh through a collector CA; the others exist so tests can play a holder of a stolen
+/// collector CA key. The CLI refuses them ([`CertError::IssuerRole`]).
+#[doc(hidden)]
+pub fn issue_from(
+    issuer_dir: &Path,
+    out_dir: &Path,
+    name: &str,
+    role: CertRole,
+    days: u32,
+) -> Result<(), CertError> {
+    validate_name(name)?;
+    if days == 0 {
+        return Err(CertError::InvalidDays(days));
+    }
+    let ca = Signer::load(
+        issuer_dir,
+        COLLECTOR_CA_CERT_FILE,
+        COLLECTOR_CA_KEY_FILE,
+        || CertError::NoCollectorCa {
+            dir: issuer_dir.to_path_buf(),
+        },
+    )?;
+    let root_path = issuer_dir.join(CA_CERT_FILE);
+    let root_pem = read_string(&root_path)?;
+    let (leaf_pem, key_pem) = ca.sign_leaf(name, role, days)?;
+    create_dir(out_dir)?;
     write_file(
-        &dir.join(format!("{name}.key")),
-        key.serialize_pem().as_bytes(),
+        &out_dir.join(format!("{name}.key")),
+        key_pem.as_bytes(),
         true,
     )?;
+    let chain = format!("{leaf_pem}{}", ca.pem);
     write_file(
-        &dir.join(format!("{name}.pem")),
-        cert.pem().as_bytes(),
+        &out_dir.join(format!("{name}.pem")),
+        chain.as_bytes(),
         false,
     )?;
+    write_file(&out_dir.join(CA_CERT_FILE), root_pem.as_bytes(), false)?;
     Ok(())
+}
+
+/// A CA certificate and key loaded from a directory, ready to sign.
+struct Signer {
+    pem: String,
+    cert_path: PathBuf,
+    key: KeyPair,
+    issuer: rcgen::Certificate,
+}
+
+impl Signer {
+    fn load(
+        dir: &Path,
+        cert_file: &str,
+        key_file: &str,
+        missing: impl FnOnce() -> CertError,
+    ) -> Result<Self, CertError> {
+        let cert_path = dir.join(cert_file);
+        let key_path = dir.join(key_file);
+        if !cert_path.exists() || !key_path.exists() {
+            return Err(missing());
+        }
+        let pem = read_string(&cert_path)?;
+        let key_pem = read_string(&key_path)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| CertError::BadFile {
+            path: key_path.clone(),
+            what: "PEM private key",
+            detail: e.to_string(),
+        })?;
+        let params = CertificateParams::from_ca_cert_pem(&pem).map_err(|e| CertError::BadFile {
+            path: cert_path.clone(),
+            what: "PEM CA certificate",
+            detail: e.to_string(),
+        })?;
+        if ca_spki(&pem, &cert_path)? != key.public_key_der() {
+            return Err(CertError::CaKeyMismatch {
+                cert: cert_path,
+                key: key_path,
+            });
+        }
+        // rcgen signs with an issuer `Certificate`; re-creating it from the parsed params and
+        // the CA key yields the same subject and key identifier, which is all signing uses.
+        let issuer = params
+            .self_signed(&key)
+            .map_err(|source| CertError::Generate {
+                what: "CA issuer",
+                source,
+            })?;
+        Ok(Signer {
+            pem,
+            cert_path,
+            key,
+            issuer,
+        })
+    }
+
+    /// The CA certificate's basicConstraints path length (None: unlimited).
+    fn path_len(&self) -> Result<Option<u32>, CertError> {
+        let der = first_pem_der(&self.pem, &self.cert_path)?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::BadFile {
+                path: self.cert_path.clone(),
+                what: "PEM CA certificate",
+                detail: e.to_string(),
+            })?;
+        let bc = cert.basic_constraints().map_err(|e| CertError::BadFile {
+            path: self.cert_path.clone(),
+            what: "PEM CA certificate",
+            detail: e.to_string(),
+        })?;
+        Ok(bc.and_then(|b| b.value.path_len_constraint))
+    }
+
+    /// A new key and a leaf certificate for `name`/`role`; returns (cert PEM, key PEM).
+    fn sign_leaf(
+        &self,
+        name: &str,
+        role: CertRole,
+        days: u32,
+    ) -> Result<(String, String), CertError> {
+        let key = KeyPair::generate().map_err(|source| CertError::Generate {
+            what: "node key",
+            source,
+        })?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.distinguished_name.push(
+            DnType::OrganizationalUnitName,
+            format!("{ROLE_OU_PREFIX}{role}"),
+        );
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "logmesh");
+        params.subject_alt_names = vec![
+            SanType::DnsName(ia5(name)?),
+            SanType::URI(ia5(&role_uri(role, name))?),
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        set_validity(&mut params, days);
+        let cert = params
+            .signed_by(&key, &self.issuer, &self.key)
+            .map_err(|source| CertError::Generate {
+                what: "node certificate",
+                source,
+            })?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// Whether a DER certificate is a collector-only intermediate CA (a CA whose subject OU is
+/// [`COLLECTOR_CA_OU`]). Does not verify it.
+pub fn is_collector_ca(der: &[u8]) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    is_ca
+        && cert
+            .subject()
+            .iter_organizational_unit()
+            .any(|ou| ou.as_str() == Ok(COLLECTOR_CA_OU))
 }
 
 /// The SAN URI that names `name`'s role.
@@ -413,15 +642,22 @@ fn ia5(s: &str) -> Result<rcgen::Ia5String, CertError> {
     })
 }
 
-fn ca_spki(ca_pem: &str, path: &Path) -> Result<Vec<u8>, CertError> {
+fn first_pem_der(
+    pem: &str,
+    path: &Path,
+) -> Result<rustls_pki_types::CertificateDer<'static>, CertError> {
     use rustls_pki_types::pem::PemObject;
-    let der = rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| {
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
         CertError::BadFile {
             path: path.to_path_buf(),
             what: "PEM CA certificate",
             detail: e.to_string(),
         }
-    })?;
+    })
+}
+
+fn ca_spki(ca_pem: &str, path: &Path) -> Result<Vec<u8>, CertError> {
+    let der = first_pem_der(ca_pem, path)?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::BadFile {
         path: path.to_path_buf(),
         what: "PEM CA certificate",

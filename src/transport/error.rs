@@ -111,6 +111,26 @@ pub enum TransportError {
     /// A peer certificate was verified but refused by logmesh's role or name rules.
     #[error("peer refused: {0}")]
     PeerRejected(String),
+    /// A certificate chained through the collector CA claims a role other than collector.
+    #[error(
+        "the {role} certificate of {name} is signed by the collector CA, which may issue only \
+         collector certificates: issue {role} certificates from the cluster CA with \
+         `logmesh certs issue --dir <cluster CA dir>`"
+    )]
+    CollectorCaRole {
+        /// Name in the certificate.
+        name: String,
+        /// Role it claims.
+        role: CertRole,
+    },
+    /// A certificate chain does not verify against the cluster CA.
+    #[error("the certificate of {name} is not trusted by the cluster CA: {detail}")]
+    Untrusted {
+        /// Name in the certificate.
+        name: String,
+        /// Why (human wording of the verifier's error).
+        detail: String,
+    },
     /// The peer presented no certificate.
     #[error(
         "the peer presented no certificate (is it running with --insecure while this node uses \

@@ -21,5 +21,6 @@ pub use quic::{
     QuicTuning,
 };
 pub use tls::{
-    authorize, check_peer, identity_from_cert, peer_identity, PeerIdentity, Security, TlsFiles,
+    authorize, check_peer, identity_from_cert, peer_identity, verify_identity_chain, PeerIdentity,
+    Security, TlsFiles,
 };

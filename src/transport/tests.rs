@@ -378,3 +378,187 @@ async fn read_frame_rejects_oversized_frame() {
         "{res:?}"
     );
 }
+
+// ---- collector-only intermediate CA ----------------------------------------------------
+
+/// `pki()` plus a collector CA in `cca/` and, issued from it, col-9 (collector), agg-9
+/// (aggregator) and adm-9 (admin) in `from-cca/` — the last two as a thief of the collector
+/// CA key would make them.
+fn pki_with_collector_ca() -> TempDir {
+    let dir = pki();
+    let cca = dir.path().join("cca");
+    let out = dir.path().join("from-cca");
+    certs::init_collector_ca(dir.path(), &cca, DAYS, false).unwrap();
+    certs::issue_collector(&cca, &out, "col-9", DAYS).unwrap();
+    certs::issue_from(&cca, &out, "agg-9", CertRole::Aggregator, DAYS).unwrap();
+    certs::issue_from(&cca, &out, "adm-9", CertRole::Admin, DAYS).unwrap();
+    dir
+}
+
+fn chain_of(path: &Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+fn roots_of(ca: &Path) -> std::sync::Arc<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in chain_of(ca) {
+        roots.add(c).unwrap();
+    }
+    std::sync::Arc::new(roots)
+}
+
+#[test]
+fn collector_ca_chains_are_accepted_for_the_collector_role_only() {
+    let dir = pki_with_collector_ca();
+    let out = dir.path().join("from-cca");
+    let roots = roots_of(&dir.path().join("ca.pem"));
+    let now = rustls::pki_types::UnixTime::now();
+
+    let col = chain_of(&out.join("col-9.pem"));
+    assert_eq!(col.len(), 2, "leaf then the collector CA");
+    assert_eq!(
+        verify_identity_chain(&col, &roots, now).unwrap(),
+        ("col-9".to_string(), CertRole::Collector)
+    );
+    // root-signed certificates of every role still pass
+    for (n, r) in [
+        ("agg-1", CertRole::Aggregator),
+        ("col-1", CertRole::Collector),
+    ] {
+        let c = chain_of(&dir.path().join(format!("{n}.pem")));
+        assert_eq!(
+            verify_identity_chain(&c, &roots, now).unwrap(),
+            (n.into(), r)
+        );
+    }
+    for n in ["agg-9", "adm-9"] {
+        let err = verify_identity_chain(&chain_of(&out.join(format!("{n}.pem"))), &roots, now)
+            .unwrap_err();
+        assert!(
+            matches!(err, TransportError::CollectorCaRole { .. }),
+            "{n}: {err}"
+        );
+        assert!(err.to_string().contains("collector CA"), "{err}");
+    }
+    // without the intermediate, or with it but verified far in the future: untrusted
+    let err = verify_identity_chain(&col[..1], &roots, now).unwrap_err();
+    assert!(matches!(err, TransportError::Untrusted { .. }), "{err}");
+    let later = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+        now.as_secs() + 400 * 86_400,
+    ));
+    let err = verify_identity_chain(&col, &roots, later).unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
+    // a collector CA under another cluster CA is nothing here
+    let other = pki_with_collector_ca();
+    let foreign = chain_of(&other.path().join("from-cca/col-9.pem"));
+    let err = verify_identity_chain(&foreign, &roots, now).unwrap_err();
+    assert!(matches!(err, TransportError::Untrusted { .. }), "{err}");
+    assert!(verify_identity_chain(&[], &roots, now).is_err());
+}
+
+#[test]
+fn startup_check_refuses_non_collectors_from_the_collector_ca() {
+    let dir = pki_with_collector_ca();
+    let out = dir.path().join("from-cca");
+    let id = TlsFiles::for_node(&out, "col-9")
+        .validate("col-9", CertRole::Collector)
+        .unwrap();
+    assert_eq!(id.role, CertRole::Collector);
+    let err = TlsFiles::for_node(&out, "agg-9")
+        .validate("agg-9", CertRole::Aggregator)
+        .unwrap_err();
+    assert!(
+        matches!(err, TransportError::CollectorCaRole { .. }),
+        "{err}"
+    );
+    // the collector CA may not be trusted as a root
+    let err = TlsFiles {
+        ca: dir.path().join("cca/collector-ca.pem"),
+        cert: out.join("col-9.pem"),
+        key: out.join("col-9.key"),
+    }
+    .validate("col-9", CertRole::Collector)
+    .unwrap_err();
+    assert!(err.to_string().contains("collector CA"), "{err}");
+    // no collector CA there: says how to make one
+    let err = certs::issue_from(
+        &dir.path().join("nowhere"),
+        &out,
+        "x-1",
+        CertRole::Collector,
+        1,
+    )
+    .unwrap_err();
+    assert!(matches!(err, CertError::NoCollectorCa { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn server_accepts_collector_ca_collector_and_refuses_its_admin() {
+    let dir = pki_with_collector_ca();
+    let out = dir.path().join("from-cca");
+    let tuning = QuicTuning::default();
+    let server_sec = mtls(dir.path(), "agg-1");
+    let server = server_endpoint(local(), &server_sec, &tuning).unwrap();
+    let addr = server.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        let ok = accept_one(&server).await.unwrap();
+        let id = check_peer(&ok, &server_sec, &[CertRole::Collector, CertRole::Admin]).unwrap();
+        let refused = accept_one(&server).await.map(|_| ());
+        (id, refused)
+    });
+
+    let col = client_endpoint(&mtls(&out, "col-9"), &tuning).unwrap();
+    let conn = bounded(connect(&col, addr, "agg-1")).await.unwrap();
+    // adm-9 through the collector CA: bypass the start-up check, as a thief would
+    let material = Material::read(&TlsFiles::for_node(&out, "adm-9")).unwrap();
+    let mut tls = client_config_from(material, provider()).unwrap();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let adm = client_endpoint_with(local(), tls, &tuning).unwrap();
+    let outcome = bounded(async {
+        let conn = connect(&adm, addr, "agg-1").await?;
+        request(&conn, b"x", 16).await
+    })
+    .await;
+    assert!(
+        outcome.is_err(),
+        "an admin certificate from the collector CA got a reply"
+    );
+    let (id, refused) = bounded(srv).await.unwrap();
+    assert_eq!(
+        id,
+        Some(PeerIdentity {
+            name: "col-9".into(),
+            role: CertRole::Collector
+        })
+    );
+    assert!(
+        refused.is_err(),
+        "server accepted adm-9 from the collector CA"
+    );
+    conn.close(0u32.into(), b"done");
+}
+
+#[tokio::test]
+async fn collector_refuses_aggregator_from_the_collector_ca() {
+    let dir = pki_with_collector_ca();
+    let out = dir.path().join("from-cca");
+    let tuning = QuicTuning::default();
+    // agg-9 through the collector CA serves (start-up check bypassed)
+    let material = Material::read(&TlsFiles::for_node(&out, "agg-9")).unwrap();
+    let mut cfg = super::tls::server_config_from(material, provider()).unwrap();
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).unwrap();
+    let qcfg = quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto));
+    let server = quinn::Endpoint::server(qcfg, local()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let srv = tokio::spawn(async move { accept_one(&server).await.map(|_| ()) });
+    let client = client_endpoint(&mtls(dir.path(), "col-1"), &tuning).unwrap();
+    let err = bounded(connect(&client, addr, "agg-9")).await.unwrap_err();
+    assert!(matches!(err, TransportError::Handshake { .. }), "{err}");
+    assert!(err.to_string().contains("collector CA"), "{err}");
+    assert!(bounded(srv).await.unwrap().is_err());
+}

@@ -3,7 +3,9 @@
 //! Owns: loading and validating a node's TLS files, the server config (client certificates
 //! required and verified against the cluster CA), the client config (server verified against the
 //! CA for the expected node id, and required to hold the aggregator role), the insecure
-//! configurations, and reading a connected peer's [`PeerIdentity`].
+//! configurations, reading a connected peer's [`PeerIdentity`], and the one chain check every
+//! verifier uses ([`verify_identity_chain`]: the cluster CA is the only root; a chain through
+//! the collector-only intermediate CA is accepted for the collector role only).
 //! It must not open sockets or decide policy beyond "which roles may talk to an aggregator"
 //! (server code calls [`authorize`] after the handshake).
 
@@ -16,8 +18,12 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
 
 use super::certs::{self, CertRole};
 use super::TransportError;
@@ -112,6 +118,110 @@ impl fmt::Display for PeerIdentity {
 pub fn identity_from_cert(der: &[u8]) -> Result<PeerIdentity, TransportError> {
     let (name, role) = certs::parse_identity(der)?;
     Ok(PeerIdentity { name, role })
+}
+
+/// Verifies a node certificate chain (`chain[0]` the leaf, then any intermediates) against the
+/// cluster CA `roots` at `now`, and returns the (name, role) the leaf grants.
+///
+/// The leaf must chain to a root either directly, or through a collector-only intermediate CA
+/// (see [`certs::init_collector_ca`]) — and then only for [`CertRole::Collector`]. Other
+/// intermediates are ignored. Used by the QUIC client and server verifiers, the start-up check
+/// of a node's own certificate, and membership record checks.
+pub fn verify_identity_chain(
+    chain: &[CertificateDer<'_>],
+    roots: &Arc<RootCertStore>,
+    now: UnixTime,
+) -> Result<(String, CertRole), TransportError> {
+    check_chain(chain, roots, now).map_err(|e| match e {
+        ChainFailure::Webpki { name, error } => TransportError::Untrusted {
+            name,
+            detail: describe_cert_error(&error),
+        },
+        ChainFailure::Policy(e) => e,
+    })
+}
+
+/// Why [`check_chain`] refused a chain: webpki's own error (kept so TLS sends the right alert)
+/// or a logmesh rule.
+enum ChainFailure {
+    Webpki { name: String, error: rustls::Error },
+    Policy(TransportError),
+}
+
+impl ChainFailure {
+    fn into_rustls(self) -> rustls::Error {
+        match self {
+            ChainFailure::Webpki { error, .. } => error,
+            // rustls shows the inner error with Debug: keep the human wording in a string
+            ChainFailure::Policy(e) => reject(TransportError::PeerRejected(e.to_string())),
+        }
+    }
+}
+
+fn reject(e: TransportError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+fn check_chain(
+    chain: &[CertificateDer<'_>],
+    roots: &Arc<RootCertStore>,
+    now: UnixTime,
+) -> Result<(String, CertRole), ChainFailure> {
+    let (leaf, rest) = chain
+        .split_first()
+        .ok_or(ChainFailure::Policy(TransportError::NoPeerCertificate))?;
+    let (name, role) =
+        certs::parse_identity(leaf).map_err(|e| ChainFailure::Policy(TransportError::Cert(e)))?;
+    // Each role is checked for the use it has: aggregators serve (serverAuth, their name),
+    // collectors and admins are clients (clientAuth).
+    let verify = |intermediates: &[CertificateDer<'_>]| -> Result<(), ChainFailure> {
+        let built = |e: rustls::server::VerifierBuilderError| {
+            ChainFailure::Policy(TransportError::Verifier(e.to_string()))
+        };
+        let webpki = |error| ChainFailure::Webpki {
+            name: name.clone(),
+            error,
+        };
+        if role == CertRole::Aggregator {
+            let v = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(built)?;
+            let server_name = ServerName::try_from(name.as_str())
+                .map_err(|e| ChainFailure::Policy(TransportError::Verifier(e.to_string())))?;
+            v.verify_server_cert(leaf, intermediates, &server_name, &[], now)
+                .map(|_| ())
+                .map_err(webpki)
+        } else {
+            let v = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(built)?;
+            v.verify_client_cert(leaf, intermediates, now)
+                .map(|_| ())
+                .map_err(webpki)
+        }
+    };
+    // Signed by the cluster CA itself: any role.
+    let direct = match verify(&[]) {
+        Ok(()) => return Ok((name, role)),
+        Err(e) => e,
+    };
+    // Otherwise only through collector CAs, and only for the collector role.
+    let collector_cas: Vec<CertificateDer<'_>> = rest
+        .iter()
+        .filter(|c| certs::is_collector_ca(c))
+        .cloned()
+        .collect();
+    if collector_cas.is_empty() {
+        return Err(direct);
+    }
+    verify(&collector_cas)?;
+    if role != CertRole::Collector {
+        return Err(ChainFailure::Policy(TransportError::CollectorCaRole {
+            name,
+            role,
+        }));
+    }
+    Ok((name, role))
 }
 
 /// The identity of the peer of an established connection (verified during the handshake).
@@ -220,6 +330,16 @@ impl Material {
         let ca_certs = read_pem_certs(&files.ca, "CA certificate")?;
         let mut roots = RootCertStore::empty();
         for c in ca_certs {
+            if certs::is_collector_ca(&c) {
+                return Err(TransportError::BadFile {
+                    path: files.ca.clone(),
+                    what: "cluster CA certificate",
+                    detail: "it holds the collector CA, which must not be trusted as a root \
+                             (it would let its key mint any role); put only the cluster CA's \
+                             ca.pem there"
+                        .into(),
+                });
+            }
             roots.add(c).map_err(|e| TransportError::BadFile {
                 path: files.ca.clone(),
                 what: "CA certificate",
@@ -304,7 +424,16 @@ impl Material {
             cert: files.cert.clone(),
             ca: files.ca.clone(),
             detail: describe_cert_error(&e),
-        })
+        })?;
+        match check_chain(&self.chain, &self.roots, now) {
+            Ok(_) => Ok(()),
+            Err(ChainFailure::Webpki { error, .. }) => Err(TransportError::NotTrustedByCa {
+                cert: files.cert.clone(),
+                ca: files.ca.clone(),
+                detail: describe_cert_error(&error),
+            }),
+            Err(ChainFailure::Policy(e)) => Err(e),
+        }
     }
 }
 
@@ -312,9 +441,13 @@ pub(crate) fn server_config_from(
     m: Material,
     provider: Arc<CryptoProvider>,
 ) -> Result<rustls::ServerConfig, TransportError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(m.roots, provider.clone())
+    let inner = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider.clone())
         .build()
         .map_err(|e| TransportError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(MeshClientVerifier {
+        inner,
+        roots: m.roots,
+    });
     rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TransportError::Tls)?
@@ -327,14 +460,17 @@ pub(crate) fn client_config_from(
     m: Material,
     provider: Arc<CryptoProvider>,
 ) -> Result<rustls::ClientConfig, TransportError> {
-    let inner = WebPkiServerVerifier::builder_with_provider(m.roots, provider.clone())
+    let inner = WebPkiServerVerifier::builder_with_provider(m.roots.clone(), provider.clone())
         .build()
         .map_err(|e| TransportError::Verifier(e.to_string()))?;
     rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TransportError::Tls)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AggregatorVerifier { inner }))
+        .with_custom_certificate_verifier(Arc::new(AggregatorVerifier {
+            inner,
+            roots: m.roots,
+        }))
         .with_client_auth_cert(m.chain, m.key)
         .map_err(TransportError::Tls)
 }
@@ -432,13 +568,12 @@ fn describe_cert_error(e: &rustls::Error) -> String {
 #[derive(Debug)]
 struct AggregatorVerifier {
     inner: Arc<WebPkiServerVerifier>,
+    roots: Arc<RootCertStore>,
 }
 
 impl AggregatorVerifier {
     fn reject(msg: String) -> rustls::Error {
-        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
-            TransportError::PeerRejected(msg),
-        ))))
+        reject(TransportError::PeerRejected(msg))
     }
 }
 
@@ -458,21 +593,77 @@ impl ServerCertVerifier for AggregatorVerifier {
             ocsp_response,
             now,
         )?;
-        let id = identity_from_cert(end_entity).map_err(|e| Self::reject(e.to_string()))?;
-        if id.role != CertRole::Aggregator {
+        let (name, role) = check_chain(&full_chain(end_entity, intermediates), &self.roots, now)
+            .map_err(ChainFailure::into_rustls)?;
+        if role != CertRole::Aggregator {
             return Err(Self::reject(format!(
-                "server {} holds a {} certificate, not an aggregator one",
-                id.name, id.role
+                "server {name} holds a {role} certificate, not an aggregator one"
             )));
         }
         let expected = server_name.to_str();
-        if id.name != expected {
+        if name != expected {
             return Err(Self::reject(format!(
-                "server certificate names {} but {expected} was expected",
-                id.name
+                "server certificate names {name} but {expected} was expected"
             )));
         }
         Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn full_chain<'a>(
+    end_entity: &CertificateDer<'a>,
+    intermediates: &[CertificateDer<'a>],
+) -> Vec<CertificateDer<'a>> {
+    let mut chain = Vec::with_capacity(1 + intermediates.len());
+    chain.push(end_entity.clone());
+    chain.extend(intermediates.iter().cloned());
+    chain
+}
+
+/// Requires a client certificate that passes [`verify_identity_chain`] (roles are then
+/// authorized after the handshake by [`authorize`]).
+#[derive(Debug)]
+struct MeshClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    roots: Arc<RootCertStore>,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        check_chain(&full_chain(end_entity, intermediates), &self.roots, now)
+            .map_err(ChainFailure::into_rustls)?;
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

@@ -97,9 +97,10 @@ impl Mesh {
         let tls = dir.path().join("tls");
         certs::init_ca(&tls, false).expect("make a CA");
         let key = dir.path().join("gossip.key");
-        std::fs::write(
+        logmesh::config::write_secret_file(
             &key,
-            format!("{}\n", logmesh::discovery::gossip::generate_key()),
+            format!("{}\n", logmesh::discovery::gossip::generate_key()).as_bytes(),
+            false,
         )
         .expect("write gossip key");
         Mesh {
@@ -130,9 +131,10 @@ impl Mesh {
     /// Write another keyring file (a fresh random key): a node using it is a stranger.
     pub fn other_key(&self) -> PathBuf {
         let p = self.dir.path().join("other.key");
-        std::fs::write(
+        logmesh::config::write_secret_file(
             &p,
-            format!("{}\n", logmesh::discovery::gossip::generate_key()),
+            format!("{}\n", logmesh::discovery::gossip::generate_key()).as_bytes(),
+            true,
         )
         .expect("write key");
         p

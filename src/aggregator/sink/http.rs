@@ -93,10 +93,12 @@ pub fn rejects_records(status: u16) -> bool {
 impl HttpSink {
     /// Check the settings and build the client (no connection is made yet).
     pub fn new(cfg: HttpSinkConfig) -> Result<HttpSink, SinkError> {
-        let uri: Uri = cfg
-            .url
-            .parse()
-            .map_err(|e| other(format!("url {:?} is not a valid URL: {e}", cfg.url)))?;
+        let uri: Uri = cfg.url.parse().map_err(|e| {
+            other(format!(
+                "url {:?} is not a valid URL: {e}",
+                crate::config::redact_userinfo(&cfg.url)
+            ))
+        })?;
         let https = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,
@@ -160,7 +162,8 @@ impl HttpSink {
 
     async fn send(&self, part: Part) -> Result<(), SinkError> {
         let req = self.request(&part)?;
-        let url = &self.cfg.url;
+        // errors reach logs and /status: never with the URL's credentials
+        let url = &crate::config::redact_userinfo(&self.cfg.url);
         let fut = async {
             let resp = self.client.request(req).await.map_err(|e| {
                 other(format!(
