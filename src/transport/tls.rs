@@ -308,13 +308,57 @@ impl Material {
     }
 }
 
+/// The verifier of node certificates presented to us: chains to the cluster CA in `roots`.
+/// The QUIC server and member-record checks ([`verify_identity_chain`]) both use it.
+pub(crate) fn node_cert_verifier(
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TransportError> {
+    WebPkiClientVerifier::builder_with_provider(roots, provider)
+        .build()
+        .map_err(|e| TransportError::Verifier(e.to_string()))
+}
+
+/// Why a certificate chain names nobody we trust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainError {
+    /// Expired or not valid yet.
+    Expired,
+    /// Not issued (directly or through its intermediates) by the cluster CA, or unusable.
+    Untrusted(String),
+    /// Trusted, but not a logmesh node certificate (no role URI...).
+    NoIdentity(String),
+}
+
+/// Verify `chain` (leaf first) with `verifier` (from [`node_cert_verifier`]) at `now`, exactly
+/// as a connecting peer's certificate is, and read the identity it names.
+pub fn verify_identity_chain(
+    verifier: &dyn rustls::server::danger::ClientCertVerifier,
+    chain: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Result<PeerIdentity, ChainError> {
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| ChainError::Untrusted("empty chain".into()))?;
+    verifier
+        .verify_client_cert(leaf, intermediates, now)
+        .map_err(|e| match e {
+            rustls::Error::InvalidCertificate(
+                CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. },
+            ) => ChainError::Expired,
+            other => ChainError::Untrusted(describe_cert_error(&other)),
+        })?;
+    identity_from_cert(leaf).map_err(|e| ChainError::NoIdentity(e.to_string()))
+}
+
 pub(crate) fn server_config_from(
     m: Material,
     provider: Arc<CryptoProvider>,
 ) -> Result<rustls::ServerConfig, TransportError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(m.roots, provider.clone())
-        .build()
-        .map_err(|e| TransportError::Verifier(e.to_string()))?;
+    let verifier = node_cert_verifier(m.roots, provider.clone())?;
     rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TransportError::Tls)?
