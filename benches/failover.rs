@@ -71,7 +71,9 @@ fn main() {
         failover("etcd", runs);
     }
     if want("idle") {
-        idle_mesh(10, Duration::from_secs(30));
+        // Unsigned records (as before issue 10, or `--insecure`), then signed ones.
+        idle_mesh(10, Duration::from_secs(30), false);
+        idle_mesh(10, Duration::from_secs(30), true);
     }
 }
 
@@ -331,7 +333,12 @@ fn failover_once(backend: &str) -> Failover {
     f
 }
 
-fn idle_mesh(n: usize, idle: Duration) {
+/// `signed`: every node holds a certificate of one CA and signs its records.
+fn idle_mesh(n: usize, idle: Duration, signed: bool) {
+    let tls = tempfile::tempdir().expect("temp dir");
+    if signed {
+        logmesh::transport::certs::init_ca(tls.path(), false).expect("CA");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -353,13 +360,25 @@ fn idle_mesh(n: usize, idle: Duration) {
                 ..GossipConfig::default()
             };
             cfg.join = vec![addrs[0].to_string()];
+            let role = if i < n / 2 {
+                Role::Aggregator
+            } else {
+                Role::Collector
+            };
+            if signed {
+                let id = format!("node-{i}");
+                let cert_role = match role {
+                    Role::Aggregator => logmesh::transport::CertRole::Aggregator,
+                    _ => logmesh::transport::CertRole::Collector,
+                };
+                logmesh::transport::certs::issue(tls.path(), &id, cert_role, 2).expect("cert");
+                let files = logmesh::transport::TlsFiles::for_node(tls.path(), &id);
+                let auth = logmesh::transport::membership::NodeAuth::load(&files).expect("auth");
+                cfg.auth = Some(std::sync::Arc::new(auth));
+            }
             let member = Member {
                 id: format!("node-{i}"),
-                role: if i < n / 2 {
-                    Role::Aggregator
-                } else {
-                    Role::Collector
-                },
+                role,
                 data_addr: *addr,
                 admin_addr: *addr,
                 zone: String::new(),
@@ -453,7 +472,14 @@ fn idle_mesh(n: usize, idle: Duration) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let detected = t2.elapsed();
-        println!("\n## {n}-node gossip mesh (encrypted, LAN timing), in one process on UDP loopback");
+        let records = if signed {
+            "signed records"
+        } else {
+            "unsigned records"
+        };
+        println!(
+            "\n## {n}-node gossip mesh (encrypted, LAN timing, {records}), in one process on UDP loopback"
+        );
         println!("| figure | value |\n|---|---|");
         println!(
             "| all {n} nodes list all {n} alive, from the first start | {} |",
@@ -474,6 +500,17 @@ fn idle_mesh(n: usize, idle: Duration) {
             avg(|p| p.2)
         );
         println!("| packets dropped (all nodes) | {dropped} |");
+        let refused: u64 = nodes
+            .iter()
+            .map(|(m, _)| {
+                let t = m.trust_stats();
+                logmesh::discovery::auth::Reject::ALL
+                    .iter()
+                    .map(|r| t.rejected(*r))
+                    .sum::<u64>()
+            })
+            .sum();
+        println!("| member records refused (all nodes) | {refused} |");
         println!(
             "| false suspicion at idle (samples of a member not alive, every 20 ms) | {suspicions} |"
         );

@@ -48,6 +48,7 @@ pub struct Metrics {
     pub ring_version: Gauge,
     pub ring_members: Gauge,
     pub gossip_dropped: Family<ReasonLabel, Counter>,
+    pub membership_rejected: Family<ReasonLabel, Counter>,
     pub batch_latency: Histogram,
     pub backpressure: Gauge,
     pub records_dropped: Family<ReasonLabel, Counter>,
@@ -82,6 +83,7 @@ impl Metrics {
             ring_version: Gauge::default(),
             ring_members: Gauge::default(),
             gossip_dropped: Family::default(),
+            membership_rejected: Family::default(),
             batch_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backpressure: Gauge::default(),
             records_dropped: Family::default(),
@@ -171,6 +173,11 @@ impl Metrics {
             m.gossip_dropped.clone(),
         );
         r.register(
+            "membership_rejected",
+            "Member records refused (not signed by a certificate of the cluster CA naming that member and role, replayed, from the future...), by reason",
+            m.membership_rejected.clone(),
+        );
+        r.register(
             "batch_latency_seconds",
             "Time from sending a batch to its acknowledgement",
             m.batch_latency.clone(),
@@ -223,6 +230,20 @@ impl Metrics {
     }
 
     /// Bring the gossip drop counters up to `g`'s totals (called at scrape time).
+    /// Copy the refused-member-record counters (by reason) from discovery.
+    pub fn set_membership_rejected(&self, t: &discovery::auth::TrustStats) {
+        for reason in discovery::auth::Reject::ALL {
+            let c = self.membership_rejected.get_or_create(&ReasonLabel {
+                reason: reason.as_str().to_string(),
+            });
+            let total = t.rejected(reason);
+            let cur = c.get();
+            if total > cur {
+                c.inc_by(total - cur);
+            }
+        }
+    }
+
     pub fn set_gossip_dropped(&self, g: &discovery::gossip::GossipStats) {
         for reason in discovery::gossip::DropReason::ALL {
             let c = self.gossip_dropped.get_or_create(&ReasonLabel {

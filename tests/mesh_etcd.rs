@@ -184,3 +184,96 @@ fn etcd_restart_while_records_flow_loses_nothing_and_recovers() {
     assert!(missing.is_empty(), "{} records lost", missing.len());
     assert_eq!(sinks.duplicates(), 0);
 }
+
+/// Values written straight to etcd (an unsigned member JSON, a signed record whose fields
+/// were edited) are refused by every watcher: the forged aggregator never enters a ring.
+#[test]
+fn forged_etcd_values_are_ignored() {
+    use base64::Engine as _;
+    use logmesh::discovery::auth::{decode_signed, encode_signed, open_envelope};
+    let _g = serial();
+    let etcd = Etcd::start();
+    let mesh = Mesh::etcd(etcd.url(), TTL);
+    let a1 = mesh.aggregator("agg-1");
+    a1.wait_ready(START);
+    let (col, _stdin) = mesh.collector("col-1", &[]);
+    wait_ring(&col, &["agg-1"], START);
+    let etcdctl = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .arg("--endpoints")
+            .arg(etcd.url())
+            .args(args)
+            .output()
+            .expect("run etcdctl");
+        assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+        out.stdout
+    };
+    let real = etcdctl(&[
+        "get",
+        "--print-value-only",
+        "/meshtest/members/aggregator/agg-1",
+    ]);
+    let real = String::from_utf8(real).expect("utf-8");
+    let (signed, chain) = open_envelope(real.trim().as_bytes()).expect("a signed envelope");
+    let signed = decode_signed(&signed).expect("signed item");
+    let mut member: serde_json::Value = serde_json::from_slice(signed.body).expect("member");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let resigned = |member: &serde_json::Value| {
+        let body = serde_json::to_vec(member).expect("json");
+        serde_json::json!({
+            "signed": b64.encode(encode_signed(signed.fp, &signed.sig, &body)),
+            "chain": b64.encode(&chain),
+        })
+        .to_string()
+    };
+    // agg-1's own record with a heavier weight: the signature no longer matches.
+    member["weight"] = 50.into();
+    etcdctl(&[
+        "put",
+        "/meshtest/members/aggregator/agg-1",
+        &resigned(&member),
+    ]);
+    // agg-1's signature and certificate for another member id.
+    member["id"] = "agg-evil".into();
+    etcdctl(&[
+        "put",
+        "/meshtest/members/aggregator/agg-evil",
+        &resigned(&member),
+    ]);
+    // No signature at all.
+    member["id"] = "agg-bare".into();
+    etcdctl(&[
+        "put",
+        "/meshtest/members/aggregator/agg-bare",
+        &member.to_string(),
+    ]);
+    let rejected = |reason: &str| {
+        col.metric(&format!(
+            "logmesh_membership_rejected_total{{reason=\"{reason}\"}}"
+        ))
+        .unwrap_or(0.0)
+    };
+    wait_for(secs(10), "col-1 to refuse the forged values", || {
+        rejected("bad_signature") > 0.0
+            && rejected("name_mismatch") > 0.0
+            && rejected("unsigned") > 0.0
+    });
+    for _ in 0..6 {
+        let s = col.status().expect("status");
+        assert!(
+            s.members
+                .iter()
+                .all(|m| m.member.id != "agg-evil" && m.member.id != "agg-bare"),
+            "{:?}",
+            s.members
+        );
+        assert_eq!(ring_of(&s), ["agg-1"].map(String::from).into());
+        let agg1 = s.members.iter().find(|m| m.member.id == "agg-1");
+        assert_eq!(
+            agg1.map(|m| m.member.weight),
+            Some(1),
+            "forged weight taken"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

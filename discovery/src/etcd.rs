@@ -60,6 +60,9 @@ pub struct EtcdConfig {
     /// How long members that are Down or Left stay listed before they are forgotten.
     /// Default 24 h.
     pub gone_retention: Duration,
+    /// Signs the value we write and verifies others' against the cluster CA. `None` only
+    /// with `--insecure`: values are then bare member JSON, unchecked.
+    pub auth: Option<crate::auth::SharedAuth>,
 }
 
 /// Default of [`EtcdConfig::gone_retention`].
@@ -91,6 +94,7 @@ impl Default for EtcdConfig {
             password: None,
             tls: None,
             gone_retention: DEFAULT_GONE_RETENTION,
+            auth: None,
         }
     }
 }
@@ -120,6 +124,7 @@ pub(crate) struct Resolved {
     pub options: ConnectOptions,
     /// The same without the user: connecting with these touches no network.
     pub offline_options: ConnectOptions,
+    pub auth: Option<crate::auth::SharedAuth>,
 }
 
 impl Resolved {
@@ -220,6 +225,7 @@ pub(crate) fn resolve(cfg: &EtcdConfig) -> Result<Resolved, DiscoveryError> {
         gone_retention: cfg.gone_retention,
         options,
         offline_options: base,
+        auth: cfg.auth.clone(),
     })
 }
 
@@ -349,6 +355,9 @@ pub async fn read_members(cfg: &EtcdConfig) -> Result<View, DiscoveryError> {
 pub(crate) async fn spawn(c: EtcdConfig, ctx: BackendCtx) -> Result<(), DiscoveryError> {
     let resolved = resolve(&c)?;
     check_local(&ctx.local)?;
+    if let Some(auth) = &c.auth {
+        crate::auth::Signer::new(auth.0.clone()).map_err(config_err)?;
+    }
     // Validate endpoint URLs and TLS material without touching the network: a connect
     // without a user only builds the (lazy) channel.
     let offline = resolved.offline_options.clone();

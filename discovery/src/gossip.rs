@@ -58,6 +58,7 @@ use tokio::net::UdpSocket;
 pub use keyring::{generate_key, Keyring, KeyringError, KEY_LEN};
 pub use packet::{DropReason, GossipStats};
 
+use crate::auth::{MemberAuth, Signer, Verifier};
 use crate::{BackendCtx, DiscoveryError};
 use node::Prepared;
 use packet::{PacketCodec, MAX_CLUSTER_LEN};
@@ -83,6 +84,9 @@ pub struct GossipConfig {
     pub cluster: String,
     /// Keys sealing every packet. `None` only with `--insecure` (plaintext packets).
     pub keyring: Option<Keyring>,
+    /// Signs the local record and verifies others' against the cluster CA. `None` only
+    /// with `--insecure`: records are then neither signed nor checked.
+    pub auth: Option<Arc<dyn MemberAuth>>,
     pub timing: GossipTiming,
 }
 
@@ -94,6 +98,7 @@ impl Default for GossipConfig {
             join: Vec::new(),
             cluster: "logmesh".into(),
             keyring: None,
+            auth: None,
             timing: GossipTiming::lan(),
         }
     }
@@ -247,6 +252,13 @@ fn prepare(config: &GossipConfig, local: &mut crate::Member) -> Result<Prepared,
             "gossip packets are NOT encrypted or authenticated (--insecure)"
         );
     }
+    let (signer, verifier) = match &config.auth {
+        Some(auth) => (
+            Some(Signer::new(auth.clone()).map_err(cfg)?),
+            Some(Verifier::new(auth.clone())),
+        ),
+        None => (None, None),
+    };
     let codec = PacketCodec::new(&config.cluster, config.keyring.as_ref());
     let foca_config = config
         .timing
@@ -256,6 +268,8 @@ fn prepare(config: &GossipConfig, local: &mut crate::Member) -> Result<Prepared,
         foca_config,
         seeds,
         timing: config.timing.clone(),
+        signer,
+        verifier,
     })
 }
 

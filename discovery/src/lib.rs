@@ -7,6 +7,7 @@
 //!
 //! This crate owns membership only. It knows nothing of rings, batches or records.
 
+pub mod auth;
 pub mod etcd;
 pub mod gossip;
 mod member;
@@ -83,6 +84,8 @@ pub(crate) enum Command {
     /// Drop a member that is down or left from this node's view now (instead of after the
     /// reap time). Replies whether it was dropped; a live member is never dropped.
     Forget(String, oneshot::Sender<bool>),
+    /// Replace the gossip keyring (live key rotation); other backends ignore it.
+    SetKeyring(gossip::Keyring),
 }
 
 /// What every backend task receives.
@@ -91,6 +94,8 @@ pub(crate) struct BackendCtx {
     pub commands: mpsc::Receiver<Command>,
     pub view: watch::Sender<SharedView>,
     pub cancel: CancellationToken,
+    /// Rejected member records, by reason.
+    pub trust: Arc<auth::TrustStats>,
 }
 
 /// Handle to a running membership backend. Cheap to clone.
@@ -101,6 +106,7 @@ pub struct Membership {
     backend: &'static str,
     /// Packet counters, for the gossip backend only.
     gossip_stats: Option<Arc<gossip::GossipStats>>,
+    trust: Arc<auth::TrustStats>,
 }
 
 impl Membership {
@@ -119,11 +125,13 @@ impl Membership {
         first.members.insert(local.id.clone(), local.clone());
         let (view_tx, view_rx) = watch::channel(Arc::new(first));
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
+        let trust = Arc::new(auth::TrustStats::default());
         let ctx = BackendCtx {
             local,
             commands: cmd_rx,
             view: view_tx,
             cancel,
+            trust: trust.clone(),
         };
         let mut gossip_stats = None;
         match config {
@@ -136,7 +144,13 @@ impl Membership {
             commands: cmd_tx,
             backend,
             gossip_stats,
+            trust,
         })
+    }
+
+    /// Member records refused (bad or missing signature, wrong certificate...), by reason.
+    pub fn trust_stats(&self) -> Arc<auth::TrustStats> {
+        self.trust.clone()
     }
 
     /// The current view.
@@ -173,6 +187,17 @@ impl Membership {
         self.commands
             .send(Command::SetStats(stats))
             .await
+            .map_err(|_| DiscoveryError::Stopped)
+    }
+
+    /// Replace the gossip keyring (SIGHUP: live key rotation). Does nothing for other
+    /// backends.
+    pub fn set_keyring(&self, keyring: gossip::Keyring) -> Result<(), DiscoveryError> {
+        if self.backend != "gossip" {
+            return Ok(());
+        }
+        self.commands
+            .try_send(Command::SetKeyring(keyring))
             .map_err(|_| DiscoveryError::Stopped)
     }
 

@@ -19,6 +19,7 @@ pub(crate) fn spawn(config: StaticConfig, ctx: BackendCtx) -> Result<(), Discove
         mut commands,
         view,
         cancel,
+        ..
     } = ctx;
     let build = move |local: &Member| {
         let mut v = View {
@@ -61,6 +62,7 @@ pub(crate) fn spawn(config: StaticConfig, ctx: BackendCtx) -> Result<(), Discove
                         local.stats = Some(st);
                         view.send_replace(build(&local));
                     }
+                    Some(Command::SetKeyring(_)) => {}
                     Some(Command::Forget(_, reply)) => {
                         // The static list is fixed: nothing to forget.
                         let _ = reply.send(false);

@@ -247,6 +247,8 @@ async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     if let Some(g) = s.membership.gossip_stats() {
         s.metrics.set_gossip_dropped(&g);
     }
+    s.metrics
+        .set_membership_rejected(&s.membership.trust_stats());
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

@@ -199,6 +199,7 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
     let membership = Membership::start(s.node.backend.clone(), member.clone(), cancel.clone())
         .await
         .context("cannot start membership")?;
+    super::node::register_membership(&membership);
 
     let accepting = Arc::new(AtomicBool::new(true));
     let ready = Arc::new(AtomicBool::new(false));

@@ -382,6 +382,7 @@ pub async fn run(s: CollectorSettings) -> anyhow::Result<Outcome> {
     let membership = Membership::start(s.node.backend.clone(), member, cancel.clone())
         .await
         .context("cannot start membership")?;
+    super::node::register_membership(&membership);
 
     let stats = Arc::new(SenderStats::default());
     let ready = Arc::new(AtomicBool::new(true));

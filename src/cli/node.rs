@@ -189,6 +189,7 @@ pub fn settings(
         }
     };
     let mut backend = backend(a, role, static_list, errs);
+    member_auth(&security, errs.0.is_empty(), &mut backend, errs);
     let reap = crate::config::parse_duration(a.reap_after.as_deref().unwrap_or("24h"))
         .unwrap_or_else(|e| {
             errs.push("reap-after", e);
@@ -226,6 +227,29 @@ pub fn settings(
         log_level,
         admin_token,
     })
+}
+
+/// Under mTLS, member records are signed with the node key and others' are verified
+/// against the CA (`--insecure` nodes neither sign nor check: they cannot join a secure
+/// mesh, whose members refuse unsigned records).
+fn member_auth(
+    security: &Security,
+    files_ok: bool,
+    backend: &mut Option<BackendConfig>,
+    errs: &mut ConfigErrors,
+) {
+    let (Security::Mtls(files), true) = (security, files_ok) else {
+        return;
+    };
+    let auth = match crate::transport::membership::NodeAuth::load(files) {
+        Ok(auth) => std::sync::Arc::new(auth),
+        Err(e) => return errs.push("tls-dir", e.to_string()),
+    };
+    match backend {
+        Some(BackendConfig::Gossip(g)) => g.auth = Some(auth),
+        Some(BackendConfig::Etcd(e)) => e.auth = Some(discovery::auth::SharedAuth(auth)),
+        _ => {}
+    }
 }
 
 fn backend(
@@ -301,13 +325,26 @@ pub fn init_logging(format: &str, level: &str) {
     }
 }
 
-/// Apply the settings that can change without a restart: the log filter and the admin
-/// token. Everything else in `new` takes effect at the next start.
+/// The running membership, for the settings SIGHUP applies to it (the gossip keyring).
+static MEMBERSHIP: std::sync::OnceLock<discovery::Membership> = std::sync::OnceLock::new();
+
+/// Let [`apply_live`] reach the membership started by this process.
+pub fn register_membership(m: &discovery::Membership) {
+    let _ = MEMBERSHIP.set(m.clone());
+}
+
+/// Apply the settings that can change without a restart: the log filter, the admin
+/// token and the gossip keyring. Everything else in `new` takes effect at the next start.
 /// A reload that would leave an off-loopback admin listener without a token is refused whole.
 pub fn apply_live(new: &NodeSettings) -> Result<(), String> {
     crate::admin::replace_token(new.admin_token.clone())?;
     if let Some(set) = LOG_LEVEL.get() {
         set(&new.log_level)?;
+    }
+    if let (Some(m), BackendConfig::Gossip(g)) = (MEMBERSHIP.get(), &new.backend) {
+        if let Some(k) = &g.keyring {
+            m.set_keyring(k.clone()).map_err(|e| e.to_string())?;
+        }
     }
     Ok(())
 }
@@ -344,7 +381,7 @@ where
                 Ok(new) => match apply_live(&new) {
                     Ok(()) => tracing::info!(
                         log_level = %new.log_level,
-                        "SIGHUP: configuration reloaded (log-level and admin-token-file applied; other keys apply at restart)"
+                        "SIGHUP: configuration reloaded (log-level, admin-token-file and gossip-key-file applied; other keys apply at restart)"
                     ),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: reload refused"),
                 },

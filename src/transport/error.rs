@@ -130,6 +130,8 @@ pub enum TransportError {
         name: String,
         /// Why (human wording of the verifier's error).
         detail: String,
+        /// The chain would verify but is outside its validity period.
+        expired: bool,
     },
     /// The peer presented no certificate.
     #[error(

@@ -3,11 +3,13 @@
 //! - [`certs`]: the cluster CA and node certificates (`logmesh certs`), identity encoding.
 //! - [`tls`]: loading/validating a node's TLS files, rustls configs, peer identities.
 //! - [`quic`]: quinn endpoints, `connect`, bounded frame reads.
+//! - [`membership`]: member records signed with the node key, verified against the CA.
 //!
 //! This module moves bytes and authenticates peers; it must not parse batches or route.
 
 pub mod certs;
 mod error;
+pub mod membership;
 pub mod quic;
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]

@@ -136,6 +136,15 @@ pub fn verify_identity_chain(
         ChainFailure::Webpki { name, error } => TransportError::Untrusted {
             name,
             detail: describe_cert_error(&error),
+            expired: matches!(
+                error,
+                rustls::Error::InvalidCertificate(
+                    CertificateError::Expired
+                        | CertificateError::ExpiredContext { .. }
+                        | CertificateError::NotValidYet
+                        | CertificateError::NotValidYetContext { .. },
+                )
+            ),
         },
         ChainFailure::Policy(e) => e,
     })

@@ -44,7 +44,7 @@ pub fn free_tcp() -> u16 {
         .port()
 }
 
-fn local(port: u16) -> SocketAddr {
+pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
@@ -140,13 +140,21 @@ impl Mesh {
         p
     }
 
-    fn cert(&self, id: &str, role: CertRole) {
+    /// Issue a certificate for `id` with `role` (once).
+    pub fn cert(&self, id: &str, role: CertRole) {
         if !self.tls.join(format!("{id}.pem")).exists() {
             certs::issue(&self.tls, id, role, 2).expect("issue a certificate");
         }
     }
 
-    fn common(&self, id: &str, admin: u16, key: &Path, gossip: Option<SocketAddr>) -> Vec<String> {
+    /// The flags every node gets: id, TLS, data dir, admin address and discovery.
+    pub fn common(
+        &self,
+        id: &str,
+        admin: u16,
+        key: &Path,
+        gossip: Option<SocketAddr>,
+    ) -> Vec<String> {
         let mut a: Vec<String> = vec![
             "--node-id".into(),
             id.into(),
@@ -250,6 +258,29 @@ impl Mesh {
         };
         let stdin = n.spawn(true).expect("collector stdin");
         (n, stdin)
+    }
+}
+
+impl Mesh {
+    /// Start a node with exactly `args` (for tests that need unusual flags); its admin
+    /// endpoint is at 127.0.0.1:`admin`.
+    pub fn spawn_raw(
+        &self,
+        id: &str,
+        admin: u16,
+        args: Vec<String>,
+        stdin: bool,
+    ) -> (Node, Option<ChildStdin>) {
+        let mut n = Node {
+            id: id.into(),
+            admin: local(admin),
+            args,
+            child: None,
+            log: self.dir.path().join(format!("{id}.log")),
+            out_dir: None,
+        };
+        let input = n.spawn(stdin);
+        (n, input)
     }
 }
 

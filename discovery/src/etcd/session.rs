@@ -72,6 +72,16 @@ struct Runner {
     stale_lease: Option<i64>,
     /// Keep-alive and pruning clock (TTL / 3).
     tick: tokio::time::Interval,
+    /// Secure mode: signs the value we put (others' are checked by the table).
+    signer: Option<crate::auth::Signer>,
+    trust: Arc<crate::auth::TrustStats>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The backend task. `first` is signalled after the first attempt to reach etcd.
@@ -125,14 +135,26 @@ impl Runner {
             commands,
             view,
             cancel,
+            trust,
         } = ctx;
         let endpoints = r.endpoint_list();
+        // `etcd::spawn` checked that the chain fits.
+        let signer = r
+            .auth
+            .as_ref()
+            .and_then(|a| crate::auth::Signer::new(a.0.clone()).ok());
+        let verifier = r
+            .auth
+            .as_ref()
+            .map(|a| crate::auth::Verifier::new(a.0.clone()));
         let period = (r.ttl / 3).max(Duration::from_millis(200));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let runner = Runner {
             key: member_key(&r.prefix, local.role, &local.id),
-            table: MemberTable::new(&r.prefix, local),
+            table: MemberTable::new(&r.prefix, local).with_trust(verifier),
+            signer,
+            trust,
             degraded: Some(format!("connecting to etcd at {endpoints}")),
             endpoints,
             r,
@@ -145,6 +167,16 @@ impl Runner {
         };
         runner.publish();
         runner
+    }
+
+    /// A record we cannot use: refused ones are counted (and warned about, rate-limited).
+    fn record_error(&self, e: &super::table::RecordError) {
+        match e {
+            super::table::RecordError::Rejected { key, reason } => {
+                self.trust.reject(*reason, key, now_ms())
+            }
+            other => tracing::warn!(error = %other, "ignoring unreadable etcd member record"),
+        }
     }
 
     fn publish(&self) {
@@ -217,8 +249,12 @@ impl Runner {
     }
 
     async fn put_local(&self, client: &mut Client, lease: i64) -> Result<(), String> {
-        let value = serde_json::to_vec(self.table.local())
+        let mut value = serde_json::to_vec(self.table.local())
             .map_err(|e| format!("cannot encode the local member record: {e}"))?;
+        if let Some(signer) = &self.signer {
+            value = crate::auth::seal_envelope(signer, &value)
+                .map_err(|e| format!("cannot sign the local member record: {e}"))?;
+        }
         bounded(
             &self.endpoints,
             "writing the member record",
@@ -252,9 +288,10 @@ impl Runner {
             )
         })?;
         let kvs = resp.kvs().iter().map(|kv| (kv.key(), kv.value()));
+        self.table.set_clock(now_ms());
         let (changed, errors) = self.table.replace_all(kvs, Instant::now());
         for e in errors {
-            tracing::warn!(error = %e, "skipping unreadable etcd member record");
+            self.record_error(&e);
         }
         if changed {
             self.publish();
@@ -388,6 +425,7 @@ impl Runner {
                 let _ = reply.send(self.forget(&id));
                 Ok(())
             }
+            Command::SetKeyring(_) => Ok(()),
         }
     }
 
@@ -494,6 +532,7 @@ impl Runner {
             ));
         }
         let now = Instant::now();
+        self.table.set_clock(now_ms());
         let mut changed = false;
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
@@ -503,7 +542,7 @@ impl Runner {
             };
             match applied {
                 Ok(c) => changed |= c,
-                Err(e) => tracing::warn!(error = %e, "ignoring unreadable etcd member event"),
+                Err(e) => self.record_error(&e),
             }
         }
         if changed {
@@ -531,6 +570,7 @@ impl Runner {
                     Some(Command::Forget(id, reply)) => {
                         let _ = reply.send(self.forget(&id));
                     }
+                    Some(Command::SetKeyring(_)) => {}
                     // Cannot reach etcd to announce it: our lease expires instead.
                     Some(Command::Leave(reply)) => {
                         self.mark_leaving();

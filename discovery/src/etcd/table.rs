@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::auth::{decode_signed, open_envelope, Reject, Verifier};
 use crate::{Member, MemberState, Role, View};
 
 /// Why one etcd record could not be turned into a member.
@@ -19,6 +20,11 @@ pub enum RecordError {
     BadRole { key: String, role: String },
     #[error("value of {key:?} is not a JSON member record: {reason}")]
     BadValue { key: String, reason: String },
+    #[error(
+        "record under {key:?} is not signed by a certificate of the cluster CA naming that \
+         member and role ({reason}); ignored"
+    )]
+    Rejected { key: String, reason: Reject },
     #[error("record under {key:?} describes {what} {found:?}, which does not match its key")]
     Mismatch {
         key: String,
@@ -55,18 +61,33 @@ pub fn parse_key(members_prefix: &str, key: &[u8]) -> Result<(Role, String), Rec
     Ok((role, id.to_string()))
 }
 
-/// Decode one record, checking that its JSON agrees with its key.
+/// Decode one record (a signed envelope or a bare member JSON, unverified), checking that
+/// it agrees with its key.
 pub fn decode_record(
     members_prefix: &str,
     key: &[u8],
     value: &[u8],
 ) -> Result<Member, RecordError> {
+    let key_str = || String::from_utf8_lossy(key).into_owned();
+    let bad = |reason: String| RecordError::BadValue {
+        key: key_str(),
+        reason,
+    };
+    let member: Member = match open_envelope(value) {
+        Ok((signed, _)) => {
+            let signed = decode_signed(&signed).map_err(|r| bad(r.to_string()))?;
+            serde_json::from_slice(signed.body)
+        }
+        Err(_) => serde_json::from_slice(value),
+    }
+    .map_err(|e| bad(e.to_string()))?;
+    check_key(members_prefix, key, member)
+}
+
+/// Check that `member` is the one `key` names.
+fn check_key(members_prefix: &str, key: &[u8], member: Member) -> Result<Member, RecordError> {
     let (role, id) = parse_key(members_prefix, key)?;
     let key_str = || String::from_utf8_lossy(key).into_owned();
-    let member: Member = serde_json::from_slice(value).map_err(|e| RecordError::BadValue {
-        key: key_str(),
-        reason: e.to_string(),
-    })?;
     if member.id != id {
         return Err(RecordError::Mismatch {
             key: key_str(),
@@ -107,6 +128,10 @@ pub struct MemberTable {
     local: Member,
     /// Other members by id (never the local one).
     others: BTreeMap<String, Entry>,
+    /// Secure mode: values must be envelopes signed by the member's own certificate.
+    trust: Option<Verifier>,
+    /// The owner's clock (ms since the Unix epoch), for certificate checks.
+    now_ms: u64,
 }
 
 impl MemberTable {
@@ -115,7 +140,20 @@ impl MemberTable {
             members_prefix: members_prefix(prefix),
             local,
             others: BTreeMap::new(),
+            trust: None,
+            now_ms: 0,
         }
+    }
+
+    /// Accept only records signed by their member's certificate (checked by `verifier`).
+    pub fn with_trust(mut self, verifier: Option<Verifier>) -> Self {
+        self.trust = verifier;
+        self
+    }
+
+    /// Set the clock certificate checks use (ms since the Unix epoch).
+    pub fn set_clock(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
     }
 
     pub fn local(&self) -> &Member {
@@ -131,7 +169,18 @@ impl MemberTable {
 
     /// Apply a PUT of `key`. Returns whether the view changed.
     pub fn apply_put(&mut self, key: &[u8], value: &[u8]) -> Result<bool, RecordError> {
-        let member = decode_record(&self.members_prefix, key, value)?;
+        let member = match &mut self.trust {
+            Some(v) => {
+                let m = v.check_envelope(value, self.now_ms).map_err(|reason| {
+                    RecordError::Rejected {
+                        key: String::from_utf8_lossy(key).into_owned(),
+                        reason,
+                    }
+                })?;
+                check_key(&self.members_prefix, key, m)?
+            }
+            None => decode_record(&self.members_prefix, key, value)?,
+        };
         if member.id == self.local.id {
             // Our own record: the local copy is authoritative (an echo may be stale).
             return Ok(false);

@@ -25,17 +25,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 
 use super::identity::{retarget_seed_announce, NodeId};
-use super::packet::{DropReason, GossipStats, PacketCodec};
-use super::records::{derive_view, lock, Record, RecordHandler, RecordStore};
+use super::packet::{DropReason, GossipStats, PacketCodec, NOTICE_LEN};
+use super::records::{derive_view, lock, Record, RecordHandler, RecordStore, Trust};
 use super::seeds::{self, Backoff, Seed};
 use super::transport::Transport;
 use super::GossipTiming;
+use crate::auth::{Signer, Verifier};
 use crate::{BackendCtx, Command, Member, MemberState, SharedView};
 
 /// Largest datagram we send or accept (fits a 1500-byte MTU with IP/UDP headers).
 pub(crate) const MAX_DATAGRAM: usize = 1400;
 /// How long one seed name may take to resolve.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// At most one wrong-key warning of each kind this often.
+const KEY_WARN_EVERY: Duration = Duration::from_secs(10);
+/// At most one wrong-key notice sent this often (all peers together).
+const NOTICE_EVERY: Duration = Duration::from_secs(1);
 
 /// Everything a node needs, validated by `gossip::prepare`.
 pub(crate) struct Prepared {
@@ -43,6 +48,9 @@ pub(crate) struct Prepared {
     pub foca_config: foca::Config,
     pub seeds: Vec<Seed>,
     pub timing: GossipTiming,
+    /// Secure mode: signs our record; `verifier` checks everyone else's.
+    pub signer: Option<Signer>,
+    pub verifier: Option<Verifier>,
 }
 
 type GossipFoca = Foca<NodeId, PostcardCodec, StdRng, RecordHandler>;
@@ -70,6 +78,7 @@ pub(crate) struct Node {
     transport: Transport,
     stats: Arc<GossipStats>,
     store: Arc<Mutex<RecordStore>>,
+    signer: Option<Signer>,
     local: Member,
     seq: u64,
     advertise: SocketAddr,
@@ -97,10 +106,23 @@ pub(crate) struct Node {
     /// Records whose member foca did not know at the last refresh.
     unknown_records: HashSet<String>,
     nonce_rng: StdRng,
+    /// Wrong-key notices to send (bounded by [`NOTICE_EVERY`]).
+    notices: Vec<(SocketAddr, [u8; NOTICE_LEN])>,
+    notice_sent: Option<Instant>,
+    unknown_key_warned: Option<Instant>,
+    notice_warned: Option<Instant>,
     recv_buf: Vec<u8>,
     open_buf: Vec<u8>,
     retarget_buf: Vec<u8>,
     send_buf: Vec<u8>,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn timer_token(t: &Timer<NodeId>) -> Option<TimerToken> {
@@ -141,15 +163,22 @@ impl Node {
             commands,
             view,
             cancel,
+            trust,
         } = ctx;
         let store = Arc::new(Mutex::new(RecordStore::default()));
+        lock(&store).now_ms = now_ms();
         let identity = NodeId::new(local.id.clone(), advertise, local.incarnation);
         let foca = Foca::with_custom_broadcast(
             identity,
             prepared.foca_config,
             StdRng::from_entropy(),
             PostcardCodec,
-            RecordHandler::new(store.clone(), local.id.clone()),
+            RecordHandler::new(
+                store.clone(),
+                local.id.clone(),
+                prepared.verifier.map(Trust::new),
+                trust,
+            ),
         );
         let (resolved_tx, resolved_rx) = mpsc::channel(4);
         Node {
@@ -159,6 +188,7 @@ impl Node {
             transport,
             stats,
             store,
+            signer: prepared.signer,
             local,
             seq: 0,
             advertise,
@@ -183,6 +213,10 @@ impl Node {
             suspects: HashMap::new(),
             unknown_records: HashSet::new(),
             nonce_rng: StdRng::from_entropy(),
+            notices: Vec::new(),
+            notice_sent: None,
+            unknown_key_warned: None,
+            notice_warned: None,
             recv_buf: vec![0; 64 * 1024],
             open_buf: Vec::with_capacity(MAX_DATAGRAM),
             retarget_buf: Vec::new(),
@@ -196,8 +230,10 @@ impl Node {
             addr = %self.advertise,
             incarnation = self.local.incarnation,
             encrypted = self.codec.is_sealed(),
+            signed = self.signer.is_some(),
             "gossip node started"
         );
+        self.broadcast_chain();
         self.broadcast_local();
         if !self.seeds.is_empty() {
             self.queue_join(Duration::ZERO);
@@ -209,7 +245,7 @@ impl Node {
         loop {
             match self.next_input().await {
                 Input::Cancelled => break,
-                Input::Packet(Ok((len, _from))) => self.on_packet(len),
+                Input::Packet(Ok((len, from))) => self.on_packet(len, from),
                 Input::Packet(Err(e)) => tracing::debug!(error = %e, "gossip receive failed"),
                 Input::Tick(tick) => self.on_tick(tick),
                 Input::Command(Some(cmd)) => self.on_command(cmd),
@@ -239,17 +275,25 @@ impl Node {
         }
     }
 
-    fn on_packet(&mut self, len: usize) {
+    fn on_packet(&mut self, len: usize, from: SocketAddr) {
         self.stats.count_received(len);
+        lock(&self.store).now_ms = now_ms();
         let packet = &self.recv_buf[..len];
-        let payload = match self.codec.open(packet, &mut self.open_buf) {
-            Ok(p) => p,
-            Err(reason) => {
-                self.stats.count_drop(reason);
-                tracing::trace!(reason = reason.as_str(), len, "gossip packet dropped");
-                return;
+        if let Some((unreadable, theirs)) = PacketCodec::parse_notice(packet) {
+            self.on_notice(from, unreadable, theirs);
+            return;
+        }
+        if let Err(reason) = self.codec.open(packet, &mut self.open_buf) {
+            self.stats.count_drop(reason);
+            tracing::trace!(reason = reason.as_str(), len, "gossip packet dropped");
+            if let Some(theirs) = PacketCodec::sealed_key_id(packet) {
+                if reason == DropReason::UnknownKey {
+                    self.on_unknown_key(from, theirs);
+                }
             }
-        };
+            return;
+        }
+        let payload = self.open_buf.as_slice();
         let payload =
             if retarget_seed_announce(payload, self.foca.identity(), &mut self.retarget_buf) {
                 self.retarget_buf.as_slice()
@@ -268,6 +312,78 @@ impl Node {
                 other => tracing::debug!(error = %other, "gossip packet ignored"),
             }
         }
+    }
+
+    fn key_names(&self) -> Vec<String> {
+        self.codec
+            .key_ids()
+            .iter()
+            .map(|id| format!("{id:08x}"))
+            .collect()
+    }
+
+    /// A packet sealed with a key we do not hold: say so here (rate-limited), and tell the
+    /// sender with a tiny notice so that it can say so too.
+    fn on_unknown_key(&mut self, from: SocketAddr, theirs: u32) {
+        let now = Instant::now();
+        if self
+            .unknown_key_warned
+            .is_none_or(|t| now.duration_since(t) >= KEY_WARN_EVERY)
+        {
+            self.unknown_key_warned = Some(now);
+            tracing::warn!(
+                peer = %from,
+                their_key = %format!("{theirs:08x}"),
+                our_keys = ?self.key_names(),
+                "gossip: a peer seals its packets with a key that is not in our keyring, so \
+                 we cannot read it; give every node the same --gossip-key-file (to rotate, \
+                 add the new key to every node's keyring first)"
+            );
+        }
+        if self
+            .notice_sent
+            .is_none_or(|t| now.duration_since(t) >= NOTICE_EVERY)
+        {
+            if let Some(n) = self.codec.notice(theirs) {
+                self.notice_sent = Some(now);
+                self.notices.push((from, n));
+            }
+        }
+    }
+
+    /// A peer says it cannot read packets sealed with `unreadable`. Unauthenticated: it only
+    /// makes us log (rate-limited), and only about a key we actually use.
+    fn on_notice(&mut self, from: SocketAddr, unreadable: u32, theirs: u32) {
+        if !self.codec.key_ids().contains(&unreadable) {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .notice_warned
+            .is_none_or(|t| now.duration_since(t) >= KEY_WARN_EVERY)
+        {
+            self.notice_warned = Some(now);
+            tracing::warn!(
+                peer = %from,
+                our_key = %format!("{unreadable:08x}"),
+                their_key = %format!("{theirs:08x}"),
+                "gossip: a peer cannot read our packets: it holds another key; give every \
+                 node the same --gossip-key-file"
+            );
+        }
+    }
+
+    /// Replace the keyring (SIGHUP). An `--insecure` node cannot start encrypting at run time.
+    fn set_keyring(&mut self, keyring: super::Keyring) {
+        if !self.codec.is_sealed() {
+            tracing::warn!(
+                "gossip runs unencrypted (--insecure): restart with --gossip-key-file to \
+                 encrypt it; the new keyring is ignored"
+            );
+            return;
+        }
+        self.codec = self.codec.with_keyring(&keyring);
+        tracing::info!(keys = ?self.key_names(), "gossip keyring reloaded");
     }
 
     fn on_tick(&mut self, tick: Tick) {
@@ -312,6 +428,7 @@ impl Node {
                     self.broadcast_local();
                 }
             }
+            Command::SetKeyring(k) => self.set_keyring(k),
             Command::Forget(id, reply) => {
                 let gone = self.view.borrow().members.get(&id).is_some_and(|m| {
                     m.id != self.local.id
@@ -416,7 +533,20 @@ impl Node {
         tracing::info!(id = %self.local.id, "left the gossip mesh");
     }
 
-    /// Disseminate the local record under a new version.
+    /// Disseminate our certificate chain (secure mode), so that peers can check our
+    /// signatures. Sent at start, whenever a member comes up and at each refresh; a peer
+    /// passes it on only the first time it sees it.
+    fn broadcast_chain(&mut self) {
+        let Some(signer) = &self.signer else {
+            return;
+        };
+        lock(&self.store).now_ms = now_ms();
+        if let Err(e) = self.foca.add_broadcast(signer.chain_item()) {
+            tracing::error!(error = %e, "cannot broadcast this node's certificate chain");
+        }
+    }
+
+    /// Disseminate the local record under a new version (signed in secure mode).
     fn broadcast_local(&mut self) {
         self.seq += 1;
         let rec = Record {
@@ -429,8 +559,14 @@ impl Node {
             bare.member.stats = None;
             bare.encode().map_err(|_| e)
         });
+        lock(&self.store).now_ms = now_ms();
+        let signer = self.signer.as_ref();
         let result = encoded
             .map_err(|e| e.to_string())
+            .and_then(|data| match signer {
+                Some(s) => s.sign(&data),
+                None => Ok(data),
+            })
             .and_then(|data| self.foca.add_broadcast(&data).map_err(|e| e.to_string()));
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot broadcast the local member record");
@@ -486,6 +622,7 @@ impl Node {
                 self.on_notification(n);
             }
             if std::mem::take(&mut self.refresh_pending) && !self.left {
+                self.broadcast_chain();
                 self.broadcast_local();
             }
             while let Some((after, timer)) = self.rt.to_schedule() {
@@ -493,6 +630,11 @@ impl Node {
                     self.token = token;
                 }
                 self.timers.insert(Tick::Foca(timer), after);
+            }
+            for (to, notice) in std::mem::take(&mut self.notices) {
+                if self.transport.send(&notice, to).await.is_ok() {
+                    self.stats.count_sent(notice.len());
+                }
             }
             while let Some((to, data)) = self.rt.to_send() {
                 let nonce = self.nonce();

@@ -5,10 +5,16 @@
 //! touch sockets, clocks or foca.
 //!
 //! Layout (first byte = mode):
-//! - sealed (keyring set): `0x01 | nonce(12) | ChaCha20-Poly1305(payload) | tag(16)`, with
-//!   associated data `"logmesh-gossip-v1\0" | cluster | 0x01`. A packet of another cluster,
+//! - sealed (keyring set): `0x01 | key id(4) | nonce(12) | ChaCha20-Poly1305(payload) |
+//!   tag(16)`, with associated data `"logmesh-gossip-v2\0" | cluster | 0x01 | key id`. The
+//!   key id is the key's public fingerprint ([`key_id`], as `Keyring` prints it): it picks
+//!   the key to try, and names it when we do not hold it. A packet of another cluster,
 //!   with another key, or tampered with fails authentication. Nonces are random (96 bits):
 //!   far below the collision bound at gossip packet rates.
+//! - wrong-key notice: `0x03 | the key id we cannot read(4) | our key id(4)`, sent
+//!   unauthenticated (rate-limited) to a node whose packets are sealed with a key we do not
+//!   hold, so both sides can say which keys differ. At 9 bytes it is smaller than any
+//!   sealed packet that triggers it: it cannot amplify traffic; it only causes a log line.
 //! - plain (`--insecure`): `0x02 | len(cluster) u8 | cluster | payload`; packets of another
 //!   cluster are dropped.
 //!
@@ -23,9 +29,18 @@ use super::keyring::Keyring;
 
 const MODE_SEALED: u8 = 0x01;
 const MODE_PLAIN: u8 = 0x02;
+const MODE_NOTICE: u8 = 0x03;
+const KEY_ID_LEN: usize = 4;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
-const AAD_PREFIX: &[u8] = b"logmesh-gossip-v1\0";
+/// Length of a wrong-key notice.
+pub(crate) const NOTICE_LEN: usize = 1 + 2 * KEY_ID_LEN;
+const AAD_PREFIX: &[u8] = b"logmesh-gossip-v2\0";
+
+/// The public fingerprint of a gossip key (what `Keyring` prints, as a number).
+pub(crate) fn key_id(key: &[u8]) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(key) >> 32) as u32
+}
 /// Longest cluster name (it travels in the plain header with a one-byte length).
 pub const MAX_CLUSTER_LEN: usize = 255;
 
@@ -39,22 +54,26 @@ pub enum DropReason {
     Cluster,
     /// Too short, unknown format, or a payload foca could not decode.
     Malformed,
+    /// Sealed with a key we do not hold (its id is not in our keyring).
+    UnknownKey,
 }
 
 impl DropReason {
-    /// Label value for metrics: "decrypt", "cluster" or "malformed".
+    /// Label value for metrics: "decrypt", "cluster", "malformed" or "unknown_key".
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Decrypt => "decrypt",
             DropReason::Cluster => "cluster",
             DropReason::Malformed => "malformed",
+            DropReason::UnknownKey => "unknown_key",
         }
     }
 
-    pub const ALL: [DropReason; 3] = [
+    pub const ALL: [DropReason; 4] = [
         DropReason::Decrypt,
         DropReason::Cluster,
         DropReason::Malformed,
+        DropReason::UnknownKey,
     ];
 }
 
@@ -69,6 +88,7 @@ pub struct GossipStats {
     dropped_decrypt: AtomicU64,
     dropped_cluster: AtomicU64,
     dropped_malformed: AtomicU64,
+    dropped_unknown_key: AtomicU64,
 }
 
 impl GossipStats {
@@ -131,6 +151,7 @@ impl GossipStats {
             DropReason::Decrypt => &self.dropped_decrypt,
             DropReason::Cluster => &self.dropped_cluster,
             DropReason::Malformed => &self.dropped_malformed,
+            DropReason::UnknownKey => &self.dropped_unknown_key,
         }
     }
 }
@@ -139,8 +160,8 @@ impl GossipStats {
 pub(crate) struct PacketCodec {
     cluster: Vec<u8>,
     aad: Vec<u8>,
-    /// Empty in plain (`--insecure`) mode; the first cipher encrypts.
-    ciphers: Vec<ChaCha20Poly1305>,
+    /// Empty in plain (`--insecure`) mode; the first cipher encrypts. With its key id.
+    ciphers: Vec<(u32, ChaCha20Poly1305)>,
 }
 
 impl PacketCodec {
@@ -154,7 +175,7 @@ impl PacketCodec {
             .map(|k| {
                 k.keys()
                     .iter()
-                    .map(|key| ChaCha20Poly1305::new(key.into()))
+                    .map(|key| (key_id(key), ChaCha20Poly1305::new(key.into())))
                     .collect()
             })
             .unwrap_or_default();
@@ -169,10 +190,49 @@ impl PacketCodec {
         !self.ciphers.is_empty()
     }
 
+    /// The ids of our keys, the encrypting one first.
+    pub(crate) fn key_ids(&self) -> Vec<u32> {
+        self.ciphers.iter().map(|(id, _)| *id).collect()
+    }
+
+    /// The same cluster with another keyring (live key rotation).
+    pub(crate) fn with_keyring(&self, keyring: &Keyring) -> PacketCodec {
+        PacketCodec::new(&String::from_utf8_lossy(&self.cluster), Some(keyring))
+    }
+
+    /// The key id a sealed packet names, if it is one.
+    pub(crate) fn sealed_key_id(packet: &[u8]) -> Option<u32> {
+        match packet {
+            [MODE_SEALED, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+            _ => None,
+        }
+    }
+
+    /// A wrong-key notice for a packet sealed with `theirs`; `None` in plain mode.
+    pub(crate) fn notice(&self, theirs: u32) -> Option<[u8; NOTICE_LEN]> {
+        let (ours, _) = self.ciphers.first()?;
+        let mut n = [0u8; NOTICE_LEN];
+        n[0] = MODE_NOTICE;
+        n[1..5].copy_from_slice(&theirs.to_be_bytes());
+        n[5..9].copy_from_slice(&ours.to_be_bytes());
+        Some(n)
+    }
+
+    /// Reads a wrong-key notice: (the key id the peer cannot read, the peer's key id).
+    pub(crate) fn parse_notice(packet: &[u8]) -> Option<(u32, u32)> {
+        match packet {
+            [MODE_NOTICE, a, b, c, d, e, f, g, h] => Some((
+                u32::from_be_bytes([*a, *b, *c, *d]),
+                u32::from_be_bytes([*e, *f, *g, *h]),
+            )),
+            _ => None,
+        }
+    }
+
     /// Bytes added around a payload.
     pub(crate) fn overhead(&self) -> usize {
         if self.is_sealed() {
-            1 + NONCE_LEN + TAG_LEN
+            1 + KEY_ID_LEN + NONCE_LEN + TAG_LEN
         } else {
             2 + self.cluster.len()
         }
@@ -183,14 +243,17 @@ impl PacketCodec {
     pub(crate) fn seal(&self, payload: &[u8], nonce: [u8; NONCE_LEN], out: &mut Vec<u8>) {
         out.clear();
         match self.ciphers.first() {
-            Some(cipher) => {
+            Some((id, cipher)) => {
                 out.reserve(payload.len() + self.overhead());
                 out.push(MODE_SEALED);
+                out.extend_from_slice(&id.to_be_bytes());
                 out.extend_from_slice(&nonce);
                 let start = out.len();
                 out.extend_from_slice(payload);
                 let nonce = Nonce::from(nonce);
-                match cipher.encrypt_in_place_detached(&nonce, &self.aad, &mut out[start..]) {
+                let mut aad = self.aad.clone();
+                aad.extend_from_slice(&id.to_be_bytes());
+                match cipher.encrypt_in_place_detached(&nonce, &aad, &mut out[start..]) {
                     Ok(tag) => out.extend_from_slice(&tag),
                     // Only fails for payloads over 256 GiB: unreachable for a datagram.
                     Err(_) => out.clear(),
@@ -226,24 +289,36 @@ impl PacketCodec {
         rest: &[u8],
         scratch: &'a mut Vec<u8>,
     ) -> Result<&'a [u8], DropReason> {
-        if rest.len() < NONCE_LEN + TAG_LEN {
+        if rest.len() < KEY_ID_LEN + NONCE_LEN + TAG_LEN {
             return Err(DropReason::Malformed);
         }
+        let (id, rest) = rest.split_at(KEY_ID_LEN);
         let (nonce, rest) = rest.split_at(NONCE_LEN);
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
         let nonce = Nonce::from_slice(nonce);
         let tag = Tag::from_slice(tag);
-        for cipher in &self.ciphers {
+        let mut aad = self.aad.clone();
+        aad.extend_from_slice(id);
+        let mut known = false;
+        for (key_id, cipher) in &self.ciphers {
+            if key_id.to_be_bytes() != id {
+                continue;
+            }
+            known = true;
             scratch.clear();
             scratch.extend_from_slice(ciphertext);
             if cipher
-                .decrypt_in_place_detached(nonce, &self.aad, scratch, tag)
+                .decrypt_in_place_detached(nonce, &aad, scratch, tag)
                 .is_ok()
             {
                 return Ok(scratch.as_slice());
             }
         }
-        Err(DropReason::Decrypt)
+        Err(if known {
+            DropReason::Decrypt
+        } else {
+            DropReason::UnknownKey
+        })
     }
 
     fn open_plain<'a>(
@@ -297,7 +372,7 @@ mod tests {
             Err(DropReason::Decrypt)
         );
         let other_key = PacketCodec::new("prod", Some(&ring(2)));
-        assert_eq!(roundtrip(&a, &other_key, b"x"), Err(DropReason::Decrypt));
+        assert_eq!(roundtrip(&a, &other_key, b"x"), Err(DropReason::UnknownKey));
         let plain = PacketCodec::new("prod", None);
         assert_eq!(roundtrip(&a, &plain, b"x"), Err(DropReason::Decrypt));
         assert_eq!(roundtrip(&plain, &a, b"x"), Err(DropReason::Decrypt));
@@ -319,8 +394,36 @@ mod tests {
         assert!(roundtrip(&c(&new_only), &c(&both_old_first), b"p").is_ok());
         assert_eq!(
             roundtrip(&c(&new_only), &c(&old), b"p"),
-            Err(DropReason::Decrypt)
+            Err(DropReason::UnknownKey)
         );
+    }
+
+    #[test]
+    fn packets_name_their_key_and_notices_name_both() {
+        let a = PacketCodec::new("prod", Some(&ring(1)));
+        let b = PacketCodec::new("prod", Some(&ring(2)));
+        let mut wire = Vec::new();
+        a.seal(b"x", [0; 12], &mut wire);
+        let theirs = PacketCodec::sealed_key_id(&wire).unwrap();
+        assert_eq!(theirs, a.key_ids()[0]);
+        assert_eq!(
+            format!("{theirs:08x}"),
+            ring(1).fingerprints()[0],
+            "key ids are the keyring fingerprints"
+        );
+        let notice = b.notice(theirs).unwrap();
+        assert!(notice.len() < wire.len(), "a notice must not amplify");
+        assert_eq!(
+            PacketCodec::parse_notice(&notice),
+            Some((theirs, b.key_ids()[0]))
+        );
+        let mut s = Vec::new();
+        assert_eq!(a.open(&notice, &mut s), Err(DropReason::Malformed));
+        assert!(PacketCodec::new("prod", None).notice(1).is_none());
+        // A rotated codec reads the new key.
+        let rotated = a.with_keyring(&Keyring::new(vec![[2; 32], [1; 32]]).unwrap());
+        b.seal(b"y", [0; 12], &mut wire);
+        assert_eq!(rotated.open(&wire, &mut s).unwrap(), b"y");
     }
 
     #[test]

@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::identity::NodeId;
+use crate::auth::{
+    chain_fingerprint, decode_signed, Reject, TrustStats, Verdict, Verifier, CHAIN_TAG, SIGNED_TAG,
+};
 use crate::{Member, MemberState, View};
 
 /// Largest encoded record: it must fit in a datagram next to foca's header and updates.
@@ -58,49 +61,89 @@ pub(crate) enum RecordError {
     TooLarge(usize),
 }
 
+/// Most tombstones kept (versions of members that were forgotten or reaped).
+const MAX_TOMBSTONES: usize = 4096;
+/// Most records waiting for their certificate chain.
+const MAX_PENDING: usize = 256;
+/// How long a record may wait for its chain.
+const PENDING_MS: u64 = 30_000;
+
 /// The newest known record of every member, the local one included.
 #[derive(Debug, Default)]
 pub(crate) struct RecordStore {
     records: BTreeMap<String, Record>,
     changed: bool,
-    /// Versions of records an operator forgot: copies still in flight must not bring
-    /// them back; a newer version (the member restarted or recovered) does.
+    /// Tombstones: versions of records an operator forgot or that were reaped. Copies
+    /// still in flight (or replayed) must not bring them back; a newer version (the member
+    /// restarted or recovered) does.
     forgotten: BTreeMap<String, (u64, u64)>,
+    /// The owner's clock (ms since the Unix epoch), set before foca handles input.
+    pub(crate) now_ms: u64,
+}
+
+/// Whether a record would be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    Newer,
+    /// Not newer than what we hold (a duplicate).
+    Stale,
+    /// Not newer than a tombstone: a replay of a member that left or was reaped.
+    Tombstoned,
 }
 
 impl RecordStore {
-    /// Keep `rec` if it is newer than what we hold for its member. Returns whether it was
-    /// kept (i.e. is news worth passing on).
-    pub(crate) fn offer(&mut self, rec: Record) -> bool {
+    /// Would `rec` replace what we hold for its member?
+    pub(crate) fn admits(&self, rec: &Record) -> Admit {
         if rec.member.id.is_empty() {
-            return false;
+            return Admit::Stale;
         }
         if self
             .forgotten
             .get(&rec.member.id)
             .is_some_and(|v| *v >= rec.version())
         {
+            return Admit::Tombstoned;
+        }
+        match self.records.get(&rec.member.id) {
+            Some(old) if old.version() >= rec.version() => Admit::Stale,
+            _ => Admit::Newer,
+        }
+    }
+
+    /// Keep `rec` if it is newer than what we hold for its member. Returns whether it was
+    /// kept (i.e. is news worth passing on).
+    pub(crate) fn offer(&mut self, rec: Record) -> bool {
+        if self.admits(&rec) != Admit::Newer {
             return false;
         }
         self.forgotten.remove(&rec.member.id);
-        match self.records.get(&rec.member.id) {
-            Some(old) if old.version() >= rec.version() => false,
-            _ => {
-                self.records.insert(rec.member.id.clone(), rec);
-                self.changed = true;
-                true
-            }
-        }
+        self.records.insert(rec.member.id.clone(), rec);
+        self.changed = true;
+        true
     }
 
     /// Drop `id`'s record (the member then leaves the view) until a newer one arrives.
     pub(crate) fn forget(&mut self, id: &str) {
         if let Some(rec) = self.records.remove(id) {
-            self.forgotten.insert(id.to_string(), rec.version());
+            self.tombstone(id, rec.version());
             self.changed = true;
         }
     }
 
+    fn tombstone(&mut self, id: &str, version: (u64, u64)) {
+        if self.forgotten.len() >= MAX_TOMBSTONES && !self.forgotten.contains_key(id) {
+            // Drop the oldest life: its copies are the least likely to still be around.
+            if let Some(oldest) = self
+                .forgotten
+                .iter()
+                .min_by_key(|(_, v)| **v)
+                .map(|(k, _)| k.clone())
+            {
+                self.forgotten.remove(&oldest);
+            }
+        }
+        self.forgotten.insert(id.to_string(), version);
+    }
     pub(crate) fn get(&self, id: &str) -> Option<&Record> {
         self.records.get(id)
     }
@@ -125,8 +168,17 @@ impl RecordStore {
         unknown: &mut std::collections::HashSet<String>,
     ) {
         let before = self.records.len();
-        self.records
-            .retain(|id, _| id == local_id || known.contains(id.as_str()) || !unknown.contains(id));
+        let mut reaped = Vec::new();
+        self.records.retain(|id, rec| {
+            let keep = id == local_id || known.contains(id.as_str()) || !unknown.contains(id);
+            if !keep {
+                reaped.push((id.clone(), rec.version()));
+            }
+            keep
+        });
+        for (id, version) in reaped {
+            self.tombstone(&id, version);
+        }
         unknown.clear();
         unknown.extend(
             self.records
@@ -140,30 +192,211 @@ impl RecordStore {
     }
 }
 
-/// Which broadcast a record replaces in foca's dissemination backlog.
+/// Which broadcast an item replaces in foca's dissemination backlog.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct RecordKey {
-    id: String,
-    version: (u64, u64),
+pub(crate) enum ItemKey {
+    Record { id: String, version: (u64, u64) },
+    Chain(u64),
 }
 
-impl foca::Invalidates for RecordKey {
+impl foca::Invalidates for ItemKey {
     fn invalidates(&self, other: &Self) -> bool {
-        self.id == other.id && self.version >= other.version
+        match (self, other) {
+            (
+                ItemKey::Record { id, version },
+                ItemKey::Record {
+                    id: other_id,
+                    version: other_version,
+                },
+            ) => id == other_id && version >= other_version,
+            (ItemKey::Chain(a), ItemKey::Chain(b)) => a == b,
+            _ => false,
+        }
     }
 }
 
-/// foca's hook for custom broadcasts: decodes records and keeps the news in the shared
-/// store. The store is shared (`Arc<Mutex>`) with the owner task only because foca does
-/// not hand its handler back; the owner task is the only other user, so it never waits.
+/// Certificate checks of a secure node: verified chains and records waiting for theirs.
+pub(crate) struct Trust {
+    verifier: Verifier,
+    /// Records whose chain has not arrived yet, newest per member: (fp, item, since).
+    pending: BTreeMap<String, (u64, Vec<u8>, u64)>,
+}
+
+impl Trust {
+    pub(crate) fn new(verifier: Verifier) -> Trust {
+        Trust {
+            verifier,
+            pending: BTreeMap::new(),
+        }
+    }
+}
+
+/// foca's hook for custom broadcasts: decodes records and chains, verifies records against
+/// their author's certificate (secure mode) and keeps the news in the shared store. The
+/// store is shared (`Arc<Mutex>`) with the owner task only because foca does not hand its
+/// handler back; the owner task is the only other user, so it never waits.
 pub(crate) struct RecordHandler {
     store: Arc<Mutex<RecordStore>>,
     local_id: String,
+    /// `None` in `--insecure` mode: records are taken as they come.
+    trust: Option<Trust>,
+    stats: Arc<TrustStats>,
 }
 
 impl RecordHandler {
-    pub(crate) fn new(store: Arc<Mutex<RecordStore>>, local_id: String) -> RecordHandler {
-        RecordHandler { store, local_id }
+    pub(crate) fn new(
+        store: Arc<Mutex<RecordStore>>,
+        local_id: String,
+        trust: Option<Trust>,
+        stats: Arc<TrustStats>,
+    ) -> RecordHandler {
+        RecordHandler {
+            store,
+            local_id,
+            trust,
+            stats,
+        }
+    }
+
+    fn reject(&self, reason: Reject, member: &str) -> Result<Option<ItemKey>, RecordError> {
+        let now = lock(&self.store).now_ms;
+        self.stats.reject(reason, member, now);
+        Ok(None)
+    }
+
+    /// An item from the network carrying our own id: we are its only author, so an echo
+    /// (or another process using our id) must not replace our record.
+    fn foreign_copy_of_ours(&self, rec: &Record) -> Result<Option<ItemKey>, RecordError> {
+        if lock(&self.store)
+            .get(&self.local_id)
+            .is_some_and(|ours| rec.version() > ours.version())
+        {
+            tracing::warn!(
+                id = %self.local_id,
+                "another node advertises a newer record with our member id; \
+                 is the same --id used twice?"
+            );
+        }
+        Ok(None)
+    }
+
+    fn keep(&self, rec: Record) -> Option<ItemKey> {
+        let key = ItemKey::Record {
+            id: rec.member.id.clone(),
+            version: rec.version(),
+        };
+        lock(&self.store).offer(rec).then_some(key)
+    }
+
+    fn receive_unsigned(
+        &mut self,
+        data: &[u8],
+        sender: Option<&NodeId>,
+    ) -> Result<Option<ItemKey>, RecordError> {
+        let rec = Record::decode(data)?;
+        if sender.is_some() && rec.member.id == self.local_id {
+            return self.foreign_copy_of_ours(&rec);
+        }
+        if sender.is_some() && self.trust.is_some() {
+            if rec.member.role == crate::Role::Observer {
+                // `logmesh status --join`: never listed, nothing to protect or report.
+                return Ok(None);
+            }
+            return self.reject(Reject::Unsigned, &rec.member.id);
+        }
+        Ok(self.keep(rec))
+    }
+
+    fn receive_signed(
+        &mut self,
+        data: &[u8],
+        sender: Option<&NodeId>,
+    ) -> Result<Option<ItemKey>, RecordError> {
+        let Ok(signed) = decode_signed(data) else {
+            return self.reject(Reject::Malformed, "?");
+        };
+        let rec = Record::decode(signed.body)?;
+        if sender.is_none() {
+            // Our own add_broadcast.
+            return Ok(self.keep(rec));
+        }
+        if rec.member.id == self.local_id {
+            return self.foreign_copy_of_ours(&rec);
+        }
+        let (admit, now) = {
+            let store = lock(&self.store);
+            (store.admits(&rec), store.now_ms)
+        };
+        match admit {
+            Admit::Newer => {}
+            Admit::Stale => return Ok(None),
+            Admit::Tombstoned => return self.reject(Reject::Replay, &rec.member.id),
+        }
+        let Some(trust) = &mut self.trust else {
+            return Ok(self.keep(rec));
+        };
+        match trust.verifier.check(&signed, &rec.member, now) {
+            Verdict::Accept => Ok(self.keep(rec)),
+            Verdict::Pending(fp) => {
+                let expired: Vec<String> = trust
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| now.saturating_sub(p.2) > PENDING_MS)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in &expired {
+                    trust.pending.remove(id);
+                }
+                if trust.pending.len() >= MAX_PENDING && !trust.pending.contains_key(&rec.member.id)
+                {
+                    return self.reject(Reject::UnknownChain, &rec.member.id);
+                }
+                trust
+                    .pending
+                    .insert(rec.member.id.clone(), (fp, data.to_vec(), now));
+                for id in expired {
+                    self.stats.reject(Reject::UnknownChain, &id, now);
+                }
+                Ok(None)
+            }
+            Verdict::Reject(r) => self.reject(r, &rec.member.id),
+        }
+    }
+
+    fn receive_chain(
+        &mut self,
+        data: &[u8],
+        sender: Option<&NodeId>,
+    ) -> Result<Option<ItemKey>, RecordError> {
+        let now = lock(&self.store).now_ms;
+        let Some(trust) = &mut self.trust else {
+            return Ok(None);
+        };
+        let fp = chain_fingerprint(data);
+        match trust.verifier.offer_chain(data, now) {
+            Ok(news) => {
+                let waiting: Vec<Vec<u8>> = {
+                    let ids: Vec<String> = trust
+                        .pending
+                        .iter()
+                        .filter(|(_, p)| p.0 == fp)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    ids.iter()
+                        .filter_map(|id| trust.pending.remove(id))
+                        .map(|p| p.1)
+                        .collect()
+                };
+                for item in waiting {
+                    // Its sender is not known any more; any remote sender will do.
+                    let _ =
+                        self.receive_signed(&item, Some(&NodeId::seed(([0, 0, 0, 0], 0).into())));
+                }
+                // Our own chain is always (re)broadcast when asked to.
+                Ok((news || sender.is_none()).then_some(ItemKey::Chain(fp)))
+            }
+            Err(r) => self.reject(r, "(certificate chain)"),
+        }
     }
 }
 
@@ -173,35 +406,19 @@ pub(crate) fn lock(store: &Mutex<RecordStore>) -> std::sync::MutexGuard<'_, Reco
 }
 
 impl foca::BroadcastHandler<NodeId> for RecordHandler {
-    type Key = RecordKey;
+    type Key = ItemKey;
     type Error = RecordError;
 
     fn receive_item(
         &mut self,
         data: &[u8],
         sender: Option<&NodeId>,
-    ) -> Result<Option<RecordKey>, RecordError> {
-        let rec = Record::decode(data)?;
-        if sender.is_some() && rec.member.id == self.local_id {
-            // We are the only author of our record; an echo (or another process using
-            // our id) must not replace it.
-            if lock(&self.store)
-                .get(&self.local_id)
-                .is_some_and(|ours| rec.version() > ours.version())
-            {
-                tracing::warn!(
-                    id = %self.local_id,
-                    "another node advertises a newer record with our member id; \
-                     is the same --id used twice?"
-                );
-            }
-            return Ok(None);
+    ) -> Result<Option<ItemKey>, RecordError> {
+        match data.first() {
+            Some(&SIGNED_TAG) => self.receive_signed(data, sender),
+            Some(&CHAIN_TAG) => self.receive_chain(data, sender),
+            _ => self.receive_unsigned(data, sender),
         }
-        let key = RecordKey {
-            id: rec.member.id.clone(),
-            version: rec.version(),
-        };
-        Ok(lock(&self.store).offer(rec).then_some(key))
     }
 }
 
@@ -396,7 +613,7 @@ mod tests {
     #[test]
     fn handler_ignores_foreign_copies_of_our_record() {
         let store = Arc::new(Mutex::new(RecordStore::default()));
-        let mut h = RecordHandler::new(store.clone(), "me".into());
+        let mut h = RecordHandler::new(store.clone(), "me".into(), None, Arc::default());
         let sender = nid("peer", 1, 1);
         let mine = rec("me", 5, 1).encode().unwrap();
         // Our own add_broadcast (no sender) is kept...
@@ -414,7 +631,7 @@ mod tests {
     #[test]
     fn keys_invalidate_older_versions_of_same_member() {
         use foca::Invalidates as _;
-        let k = |id: &str, v: (u64, u64)| RecordKey {
+        let k = |id: &str, v: (u64, u64)| ItemKey::Record {
             id: id.into(),
             version: v,
         };

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::transport::MemNetwork;
 use super::*;
+use crate::auth::test_auth::FakeAuth;
 use crate::{BackendCtx, Member, MemberState, Membership, Role, View};
 
 fn member(id: &str, incarnation: u64) -> Member {
@@ -75,6 +76,7 @@ fn ctx_for(
         commands: cmd_rx,
         view: view_tx,
         cancel: cancel.clone(),
+        trust: Arc::default(),
     };
     (ctx, view_rx, cmd_tx, cancel)
 }
@@ -85,6 +87,8 @@ struct Spec {
     join: Vec<SocketAddr>,
     cluster: &'static str,
     keyring: Option<Keyring>,
+    /// Test certificates (see `auth::test_auth`); `None` = unsigned records.
+    auth: Option<Arc<dyn crate::auth::MemberAuth>>,
     incarnation: u64,
 }
 
@@ -96,6 +100,7 @@ impl Spec {
             join: join.iter().map(|j| addr(*j)).collect(),
             cluster: "test",
             keyring: Some(key(1)),
+            auth: Some(Arc::new(FakeAuth::new(id, Role::Aggregator, "ca"))),
             incarnation: 1000,
         }
     }
@@ -107,6 +112,7 @@ impl Spec {
             join: self.join.iter().map(|a| a.to_string()).collect(),
             cluster: self.cluster.into(),
             keyring: self.keyring.clone(),
+            auth: self.auth.clone(),
             timing: GossipTiming::lan(),
         }
     }
@@ -114,6 +120,7 @@ impl Spec {
 
 fn start(net: &MemNetwork, spec: Spec) -> TestNode {
     let (ctx, view, commands, cancel) = ctx_for(member(spec.id, spec.incarnation));
+    let trust = ctx.trust.clone();
     let stats = start_mem(spec.config(), ctx, net).unwrap();
     TestNode {
         id: spec.id.into(),
@@ -122,6 +129,7 @@ fn start(net: &MemNetwork, spec: Spec) -> TestNode {
             commands,
             backend: "gossip",
             gossip_stats: Some(stats.clone()),
+            trust,
         },
         cancel,
         stats,
@@ -506,8 +514,10 @@ async fn three_nodes_over_udp() {
             join,
             cluster: "udp-test".into(),
             keyring: Some(ring.clone()),
+            auth: Some(Arc::new(FakeAuth::new(id, Role::Aggregator, "ca"))),
             timing: GossipTiming::lan(),
         };
+        let trust = ctx.trust.clone();
         let (stats, addr) = start_udp(config, ctx).await.unwrap();
         let node = TestNode {
             id: id.into(),
@@ -516,6 +526,7 @@ async fn three_nodes_over_udp() {
                 commands,
                 backend: "gossip",
                 gossip_stats: Some(stats.clone()),
+                trust,
             },
             cancel,
             stats,
@@ -538,4 +549,73 @@ async fn three_nodes_over_udp() {
         .await;
     }
     assert_eq!(a.stats.dropped_packets(), 0);
+}
+
+/// The attack of issue 10: a node holding the gossip key but no certificate of the
+/// cluster CA (or a certificate for another role) gossips with everyone, yet never appears
+/// in a view; its records are counted as rejected.
+#[tokio::test(start_paused = true)]
+async fn records_without_a_matching_certificate_never_enter_a_view() {
+    use crate::auth::Reject;
+    let net = MemNetwork::with_latency(Duration::from_millis(2));
+    let a = start(&net, Spec::new("a", 1, &[]));
+    let b = start(&net, Spec::new("b", 2, &[1]));
+    let mut unsigned = Spec::new("forged", 3, &[1]);
+    unsigned.auth = None;
+    let unsigned = start(&net, unsigned);
+    let mut collector = Spec::new("col", 4, &[1]);
+    collector.auth = Some(Arc::new(FakeAuth::new("col", Role::Collector, "ca")));
+    let collector = start(&net, collector);
+    let mut other_ca = Spec::new("rogue", 5, &[1]);
+    other_ca.auth = Some(Arc::new(FakeAuth::new("rogue", Role::Aggregator, "evil")));
+    let other_ca = start(&net, other_ca);
+    let mut stolen = Spec::new("victim", 6, &[1]);
+    stolen.auth = Some(Arc::new(FakeAuth::new("b", Role::Aggregator, "ca")));
+    let stolen = start(&net, stolen);
+    converge(&[&a, &b]).await;
+    idle(Duration::from_secs(10)).await;
+    for n in [&a, &b] {
+        let v = n.m.view();
+        assert!(all_alive(&v, &["a", "b"]), "{:#?}", v);
+    }
+    // Refused records are not passed on, so each forgery reaches only the nodes its
+    // author gossips with directly: count over both honest nodes.
+    let seen = |r: Reject| a.m.trust_stats().rejected(r) + b.m.trust_stats().rejected(r);
+    for r in [
+        Reject::Unsigned,
+        Reject::RoleMismatch,
+        Reject::WrongCa,
+        Reject::NameMismatch,
+    ] {
+        assert!(seen(r) > 0, "no record refused as {r}");
+    }
+    drop((unsigned, collector, other_ca, stolen));
+}
+
+/// A record and its chain may arrive in any order: a record waits for its chain.
+#[tokio::test(start_paused = true)]
+async fn signed_members_converge_and_updates_propagate() {
+    let net = MemNetwork::with_latency(Duration::from_millis(2));
+    let a = start(&net, Spec::new("a", 1, &[]));
+    let b = start(&net, Spec::new("b", 2, &[1]));
+    let c = start(&net, Spec::new("c", 3, &[2]));
+    converge(&[&a, &b, &c]).await;
+    let mut m = member("c", 1000);
+    m.ready = true;
+    m.weight = 7;
+    c.m.set_local(m).await.unwrap();
+    for n in [&a, &b] {
+        wait_until(n, "c ready", Duration::from_secs(2), |v| {
+            v.members.get("c").is_some_and(|m| m.ready && m.weight == 7)
+        })
+        .await;
+    }
+    for n in [&a, &b, &c] {
+        let t = n.m.trust_stats();
+        let total: u64 = crate::auth::Reject::ALL
+            .iter()
+            .map(|r| t.rejected(*r))
+            .sum();
+        assert_eq!(total, 0);
+    }
 }
