@@ -43,6 +43,8 @@ pub struct Metrics {
     pub ring_version: Gauge,
     pub ring_members: Gauge,
     pub gossip_dropped: Family<ReasonLabel, Counter>,
+    /// Batches an aggregator refused or answered Busy because of a bound, by reason.
+    pub batches_rejected: Family<ReasonLabel, Counter>,
     pub batch_latency: Histogram,
     pub backpressure: Gauge,
     /// Sum of `errors` over all kinds (not exported; for the stats summary).
@@ -75,6 +77,7 @@ impl Metrics {
             ring_version: Gauge::default(),
             ring_members: Gauge::default(),
             gossip_dropped: Family::default(),
+            batches_rejected: Family::default(),
             batch_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backpressure: Gauge::default(),
             errors_total: Counter::default(),
@@ -162,6 +165,11 @@ impl Metrics {
             m.gossip_dropped.clone(),
         );
         r.register(
+            "batches_rejected",
+            "Batches refused (Rejected or Busy) by the aggregator's bounds, by reason",
+            m.batches_rejected.clone(),
+        );
+        r.register(
             "batch_latency_seconds",
             "Time from sending a batch to its acknowledgement",
             m.batch_latency.clone(),
@@ -181,6 +189,15 @@ impl Metrics {
             })
             .inc();
         self.errors_total.inc();
+    }
+
+    /// Count a batch refused by one of the aggregator's bounds.
+    pub fn batch_rejected(&self, reason: &str) {
+        self.batches_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// Bring the gossip drop counters up to `g`'s totals (called at scrape time).
