@@ -394,8 +394,11 @@ fn collector_claiming_another_collectors_id_is_refused() {
     wait_until(Duration::from_secs(15), "the victim's 5 records", || {
         count_sink_lines(&a.out_dir) >= 5
     });
-    let sink = read_sink(&a.out_dir);
-    let all: Vec<_> = sink.values().flatten().collect();
+    let all: Vec<serde_json::Value> = sink_files(&a.out_dir)
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .collect();
     assert_eq!(all.len(), 5);
     assert!(all.iter().all(|r| r["msg"] == "real"), "{all:?}");
     assert!(batches_rejected(&a, "collector_mismatch") >= 1.0);
