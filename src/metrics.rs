@@ -49,6 +49,8 @@ pub struct Metrics {
     pub ring_members: Gauge,
     pub gossip_dropped: Family<ReasonLabel, Counter>,
     pub membership_rejected: Family<ReasonLabel, Counter>,
+    /// Batches an aggregator refused or answered Busy because of a bound, by reason.
+    pub batches_rejected: Family<ReasonLabel, Counter>,
     pub batch_latency: Histogram,
     pub backpressure: Gauge,
     pub records_dropped: Family<ReasonLabel, Counter>,
@@ -84,6 +86,7 @@ impl Metrics {
             ring_members: Gauge::default(),
             gossip_dropped: Family::default(),
             membership_rejected: Family::default(),
+            batches_rejected: Family::default(),
             batch_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backpressure: Gauge::default(),
             records_dropped: Family::default(),
@@ -178,6 +181,11 @@ impl Metrics {
             m.membership_rejected.clone(),
         );
         r.register(
+            "batches_rejected",
+            "Batches refused (Rejected or Busy) by the aggregator's bounds, by reason",
+            m.batches_rejected.clone(),
+        );
+        r.register(
             "batch_latency_seconds",
             "Time from sending a batch to its acknowledgement",
             m.batch_latency.clone(),
@@ -227,6 +235,15 @@ impl Metrics {
         if total > cur {
             c.inc_by(total - cur);
         }
+    }
+
+    /// Count a batch refused by one of the aggregator's bounds.
+    pub fn batch_rejected(&self, reason: &str) {
+        self.batches_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// Bring the gossip drop counters up to `g`'s totals (called at scrape time).

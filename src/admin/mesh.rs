@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ring::Ring;
+use crate::ring;
 use discovery::{Member, MemberState, MemberStats, Role, View};
 
 /// Version of the JSON document; bumped on incompatible changes.
@@ -151,16 +151,16 @@ fn member_row(
 impl MeshStatus {
     /// Build the document from `view` at `now_ms`. Observers are left out.
     pub fn build(view: &View, source: &str, observed_by: Option<&str>, now_ms: u64) -> MeshStatus {
-        let ring = Ring::new(
+        let shared = ring::shared(
             view.routable_aggregators()
                 .map(|m| (m.id.clone(), m.weight)),
         );
-        let shares = ring.shares();
+        let (ring, shares) = (&shared.ring, &shared.shares);
         let mut members: Vec<MeshMember> = view
             .members
             .values()
             .filter(|m| m.role != Role::Observer)
-            .map(|m| member_row(m, &shares, ring.version(), now_ms))
+            .map(|m| member_row(m, shares, ring.version(), now_ms))
             .collect();
         members.sort_by(|a, b| (rank(a), a.role, &a.id).cmp(&(rank(b), b.role, &b.id)));
         let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
@@ -270,7 +270,7 @@ mod tests {
         assert!(row.problem.as_deref().unwrap().contains("ring version"));
 
         let a = m("a1", Role::Aggregator, MemberState::Alive);
-        let ring = Ring::new([("a1".to_string(), 1)]);
+        let ring = ring::Ring::new([("a1".to_string(), 1)]);
         c.stats = Some(MemberStats {
             ring_version: ring.version(),
             ..MemberStats::default()

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::ring::Ring;
+use crate::ring;
 use discovery::{Member, Membership, Role};
 
 /// Extra per-role numbers shown in `/status`.
@@ -75,11 +75,11 @@ pub struct NodeStatus {
 impl AdminState {
     pub fn status(&self) -> NodeStatus {
         let view = self.membership.view();
-        let ring = Ring::new(
+        let shared = ring::shared(
             view.routable_aggregators()
                 .map(|m| (m.id.clone(), m.weight)),
         );
-        let shares = ring.shares();
+        let (ring, shares) = (&shared.ring, &shared.shares);
         let members = view
             .members
             .values()
@@ -235,10 +235,11 @@ async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     s.metrics.set_members(&view);
     if s.role == Role::Aggregator {
         // collectors keep these current as they route; aggregators set them at scrape time
-        let ring = Ring::new(
+        let shared = ring::shared(
             view.routable_aggregators()
                 .map(|m| (m.id.clone(), m.weight)),
         );
+        let ring = &shared.ring;
         s.metrics
             .ring_version
             .set((ring.version() & 0xffff_ffff) as i64);

@@ -1,6 +1,7 @@
 //! The aggregator role: QUIC server → durable store (group-committed WAL) → sinks.
 
 pub mod dedupe;
+pub mod limits;
 pub mod server;
 pub mod sink;
 pub mod store;

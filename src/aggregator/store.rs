@@ -50,6 +50,10 @@ pub struct StoreConfig {
     pub sink_batch_age: Duration,
     /// Batch ids remembered per collector for dedupe. Default 100 000.
     pub dedupe_window: usize,
+    /// A collector with no commit for this long is forgotten by dedupe. Default 24 h.
+    pub dedupe_idle: Duration,
+    /// Collectors dedupe remembers (least recently seen forgotten first). Default 10 000.
+    pub dedupe_max_collectors: usize,
 }
 
 impl StoreConfig {
@@ -63,6 +67,8 @@ impl StoreConfig {
             sink_batch_bytes: 4 << 20,
             sink_batch_age: Duration::from_secs(1),
             dedupe_window: dedupe::DEFAULT_WINDOW,
+            dedupe_idle: dedupe::DEFAULT_IDLE,
+            dedupe_max_collectors: dedupe::DEFAULT_MAX_COLLECTORS,
         }
     }
 }
@@ -219,7 +225,12 @@ fn recover(cfg: &StoreConfig, names: &[String]) -> Result<Recovered, StoreError>
     let (wal, records, report) =
         Wal::open(&cfg.data_dir.join("wal"), cfg.segment_bytes, cfg.fsync)?;
     tracing::info!(?report, next_seq = wal.next_seq(), "WAL recovered");
-    let mut dedupe = DedupeWindow::new(cfg.dedupe_window);
+    let mut dedupe = DedupeWindow::with_limits(
+        cfg.dedupe_window,
+        cfg.dedupe_max_collectors,
+        cfg.dedupe_idle,
+    );
+    let now = crate::unix_millis();
     let ids_path = cfg.data_dir.join(DEDUPE_FILE);
     match std::fs::read(&ids_path) {
         Ok(buf) => {
@@ -227,16 +238,18 @@ fn recover(cfg: &StoreConfig, names: &[String]) -> Result<Recovered, StoreError>
             if valid < buf.len() {
                 tracing::warn!(file = %ids_path.display(), offset = valid, "ignoring torn tail of dedupe id file");
             }
-            for (c, id) in entries {
-                dedupe.insert(&c, id);
+            for (c, id, seen) in entries {
+                dedupe.insert(&c, id, seen.unwrap_or(now));
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_at(&ids_path)(e)),
     }
     for r in &records {
-        dedupe.insert(&r.collector, r.batch_id);
+        dedupe.insert(&r.collector, r.batch_id, r.unix_ms);
     }
+    // idle collectors stay forgotten across restarts: their entries carry commit times
+    dedupe.expire(now);
     let ids = rewrite_ids(&ids_path, &dedupe)?;
     let mut positions = Vec::new();
     for n in names {
@@ -263,8 +276,8 @@ fn recover(cfg: &StoreConfig, names: &[String]) -> Result<Recovered, StoreError>
 /// Replace the dedupe id file with the window's content; returns it opened for appending.
 fn rewrite_ids(path: &Path, dedupe: &DedupeWindow) -> Result<File, StoreError> {
     let mut buf = Vec::with_capacity(dedupe.len() * 24);
-    for (c, id) in dedupe.iter() {
-        dedupe::encode_entry(c, id, &mut buf);
+    for (c, id, seen) in dedupe.iter() {
+        dedupe::encode_entry(c, id, seen, &mut buf);
     }
     write_atomic(path, &buf).map_err(io_at(path))?;
     OpenOptions::new()
@@ -623,6 +636,7 @@ impl Writer {
         }
         let sh = self.shared.clone();
         let now = crate::unix_millis();
+        self.dedupe.expire_due(now);
         let mut slots = Vec::with_capacity(group.len());
         let mut appended: Vec<(u64, u64)> = Vec::new();
         let mut failed: Option<String> = None;
@@ -637,8 +651,8 @@ impl Writer {
             } else {
                 match self.wal.append(&req.batch, now) {
                     Ok((seq, len)) => {
-                        self.dedupe.insert(&h.collector, h.batch_id);
-                        dedupe::encode_entry(&h.collector, h.batch_id, &mut self.ids_buf);
+                        self.dedupe.insert(&h.collector, h.batch_id, now);
+                        dedupe::encode_entry(&h.collector, h.batch_id, now, &mut self.ids_buf);
                         appended.push((seq, len));
                         Slot::Appended(seq)
                     }

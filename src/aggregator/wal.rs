@@ -312,6 +312,8 @@ pub struct RecoveredRecord {
     pub records: u64,
     /// Encoded record length on disk.
     pub len: u64,
+    /// When the record was committed (for the dedupe window's idle expiry).
+    pub unix_ms: u64,
 }
 
 /// What recovery found and repaired.
@@ -387,6 +389,7 @@ impl Wal {
                             batch_id: meta.batch_id,
                             records: meta.records,
                             len: (body.end - off) as u64,
+                            unix_ms: meta.unix_ms,
                         });
                     }
                     Err(e) => tracing::warn!(file = %path.display(), offset = off, error = %e,

@@ -12,7 +12,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
-use crate::aggregator::server::{self, Committer, ServerConfig};
+use crate::aggregator::server::{self, Committer, ServerConfig, ServerLimits};
 use crate::aggregator::sink::config::{self as sink_config, SinkSpec};
 use crate::aggregator::store::{CommitOutcome, Store, StoreConfig, StoreError};
 use crate::aggregator::streams::StreamActivity;
@@ -34,6 +34,9 @@ pub struct AggregatorSettings {
     pub max_batch_bytes: usize,
     pub buffer_max_bytes: u64,
     pub drain_timeout: Duration,
+    pub limits: ServerLimits,
+    /// Idle time after which dedupe forgets a collector.
+    pub dedupe_idle: Duration,
     /// From the config file's `[[sink]]` tables (default: one file sink under `out_dir`).
     pub sinks: Vec<SinkSpec>,
 }
@@ -85,6 +88,18 @@ pub fn validate(a: &AggregatorArgs) -> Result<AggregatorSettings, ConfigErrors> 
         errs.push("max-batch-bytes", "must be at least 1024");
     }
     let buffer_max_bytes = a.buffer_max_bytes.unwrap_or(1 << 30);
+    let limits = limits(a, max_batch_bytes, &mut errs);
+    let dedupe_idle = parse_duration(a.dedupe_idle_expiry.as_deref().unwrap_or("24h"))
+        .unwrap_or_else(|e| {
+            errs.push("dedupe-idle-expiry", e);
+            crate::aggregator::dedupe::DEFAULT_IDLE
+        });
+    if dedupe_idle.is_zero() {
+        errs.push(
+            "dedupe-idle-expiry",
+            "must be above zero (e.g. 24h): retries are recognised only within it",
+        );
+    }
     match node {
         Some(node) if errs.is_empty() => {
             let out_dir = a
@@ -100,10 +115,49 @@ pub fn validate(a: &AggregatorArgs) -> Result<AggregatorSettings, ConfigErrors> 
                 max_batch_bytes,
                 buffer_max_bytes,
                 drain_timeout,
+                limits,
+                dedupe_idle,
             })
         }
         _ => Err(errs),
     }
+}
+
+/// The server's bounds from the flags, checked against each other.
+fn limits(a: &AggregatorArgs, max_batch_bytes: usize, errs: &mut ConfigErrors) -> ServerLimits {
+    let mut l = ServerLimits::default();
+    if let Some(n) = a.max_streams_per_collector {
+        if n == 0 {
+            errs.push("max-streams-per-collector", "must be at least 1");
+        }
+        l.max_streams_per_collector = n;
+    }
+    if let Some(n) = a.max_connections_per_peer {
+        if n == 0 {
+            errs.push("max-connections-per-peer", "must be at least 1");
+        }
+        l.max_connections_per_peer = n;
+    }
+    if let Some(b) = a.frame_budget_bytes {
+        l.frame_budget_bytes = usize::try_from(b).unwrap_or(usize::MAX);
+    }
+    let probe = ServerConfig {
+        max_batch_bytes,
+        insecure: false,
+        limits: l.clone(),
+    };
+    let need = probe.min_frame_budget();
+    if l.frame_budget_bytes < need || l.frame_budget_bytes > u32::MAX as usize {
+        errs.push(
+            "frame-budget-bytes",
+            format!(
+                "{} cannot hold one batch of --max-batch-bytes {max_batch_bytes} while it is decoded: give at least {need} (and at most {}), or lower --max-batch-bytes",
+                l.frame_budget_bytes,
+                u32::MAX
+            ),
+        );
+    }
+    l
 }
 
 struct StoreCommitter {
@@ -173,9 +227,16 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
         )
     })?;
     let admin_addr = admin_listener.local_addr().unwrap_or(s.node.admin);
-    let endpoint =
-        transport::server_endpoint(s.listen, &s.node.security, &QuicTuning::default())
-            .with_context(|| format!("cannot listen for QUIC on {}; set --listen", s.listen))?;
+    // streams per connection ≈ twice what a collector keeps in flight: retries fit, floods not
+    let tuning = QuicTuning {
+        max_concurrent_streams: u32::try_from(
+            2 * crate::collector::sender::SenderConfig::new("").max_inflight,
+        )
+        .unwrap_or(u32::MAX),
+        ..QuicTuning::default()
+    };
+    let endpoint = transport::server_endpoint(s.listen, &s.node.security, &tuning)
+        .with_context(|| format!("cannot listen for QUIC on {}; set --listen", s.listen))?;
     let bound = endpoint.local_addr().unwrap_or(s.listen);
     let advertise = if s.advertise.port() == 0 || s.advertise == s.listen {
         if bound.ip().is_unspecified() {
@@ -190,6 +251,7 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
     let sinks = sink_config::build_sinks(&s.sinks).context("cannot set up the sinks")?;
     let mut store_cfg = StoreConfig::new(s.node.data_dir.join("store"));
     store_cfg.max_buffer_bytes = s.buffer_max_bytes;
+    store_cfg.dedupe_idle = s.dedupe_idle;
     let store = Store::open(store_cfg, sinks)
         .await
         .context("cannot open the write-ahead buffer")?;
@@ -258,6 +320,7 @@ pub async fn run(s: AggregatorSettings) -> anyhow::Result<()> {
         ServerConfig {
             max_batch_bytes: s.max_batch_bytes,
             insecure: matches!(s.node.security, transport::Security::Insecure),
+            limits: s.limits.clone(),
         },
         Arc::new(StoreCommitter {
             store: store.clone(),

@@ -257,6 +257,22 @@ pub struct AggregatorArgs {
     #[arg(long, env = "LOGMESH_DRAIN_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_timeout: Option<String>,
+    /// Distinct stream keys one collector may create; records for more go to the `_overflow` stream (default 10000).
+    #[arg(long, env = "LOGMESH_MAX_STREAMS_PER_COLLECTOR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_streams_per_collector: Option<usize>,
+    /// Connections one collector certificate may hold open at once (default 8).
+    #[arg(long, env = "LOGMESH_MAX_CONNECTIONS_PER_PEER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_peer: Option<usize>,
+    /// Memory for batch frames being read and decoded, all collectors together; past it batches are answered busy (default 192 MiB).
+    #[arg(long, env = "LOGMESH_FRAME_BUDGET_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frame_budget_bytes: Option<u64>,
+    /// A collector that has sent nothing for this long is forgotten by batch dedupe (default 24h).
+    #[arg(long, env = "LOGMESH_DEDUPE_IDLE_EXPIRY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedupe_idle_expiry: Option<String>,
 }
 
 #[derive(Args, Debug, Clone, Default, Serialize, Deserialize)]

@@ -203,6 +203,17 @@ pub fn settings(
         Some(BackendConfig::Etcd(e)) => e.gone_retention = reap,
         _ => {}
     }
+    let weight = a.weight.unwrap_or(1);
+    if !(crate::ring::MIN_WEIGHT..=crate::ring::MAX_WEIGHT).contains(&weight) {
+        errs.push(
+            "weight",
+            format!(
+                "{weight} is out of range: give a ring weight from {} to {} (virtual nodes scale with it)",
+                crate::ring::MIN_WEIGHT,
+                crate::ring::MAX_WEIGHT
+            ),
+        );
+    }
     let log_format = a.log_format.clone().unwrap_or_else(|| "text".into());
     if !matches!(log_format.as_str(), "text" | "json") {
         errs.push("log-format", "expected text or json");
@@ -222,7 +233,7 @@ pub fn settings(
         admin,
         backend: backend?,
         zone: a.zone.clone().unwrap_or_default(),
-        weight: a.weight.unwrap_or(1).max(1),
+        weight: weight.clamp(crate::ring::MIN_WEIGHT, crate::ring::MAX_WEIGHT),
         log_format,
         log_level,
         admin_token,

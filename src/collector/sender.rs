@@ -30,6 +30,12 @@ use crate::ring::Ring;
 use crate::wire::{self, Ack, BatchHeader, StreamChunk};
 use discovery::{MemberState, SharedView};
 
+/// First batch id of a run: 63 random bits, so a run can send 2^63 batches before wrapping
+/// and two runs collide with negligible probability.
+fn batch_id_epoch() -> u64 {
+    rand::random::<u64>() >> 1
+}
+
 /// Settings of the pipeline.
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
@@ -195,7 +201,10 @@ impl Sender {
             ready: VecDeque::new(),
             parked: VecDeque::new(),
             // unique across restarts: start time in ms, then a counter
-            next_batch_id: crate::unix_millis().saturating_mul(1_000_000),
+            // a random epoch: ids cannot be guessed ahead of time (another certificate could
+            // not pre-claim them anyway; this keeps retries of this run recognisable while a
+            // restart never reuses a recent id). Dedupe keys on the set of ids, not their order.
+            next_batch_id: batch_id_epoch(),
             unacked_bytes: 0,
             unacked_records: 0,
             delivered: 0,
@@ -576,7 +585,23 @@ impl Sender {
                 }
             }
         }
+        // most view changes (stats, heartbeats) leave the ring as it is: build it only when
+        // the routable set changed
+        if crate::ring::version_for(routable.iter().map(|(id, w)| (id.as_str(), *w)))
+            == self.ring.version()
+        {
+            self.metrics.set_members(view);
+            return;
+        }
         let ring = Ring::new(routable);
+        if ring.clamped() > 0 {
+            tracing::warn!(
+                members = ring.clamped(),
+                max = crate::ring::MAX_WEIGHT,
+                "aggregators advertise a ring weight above the maximum; using the maximum"
+            );
+            self.metrics.error("member_weight_out_of_range");
+        }
         if ring.version() != self.ring.version() {
             tracing::info!(
                 ring_version = format!("{:016x}", ring.version()),
@@ -789,7 +814,7 @@ impl Sender {
                     primary,
                     spool_ref: None,
                 };
-                self.next_batch_id += 1;
+                self.next_batch_id = self.next_batch_id.wrapping_add(1);
                 for _ in range {
                     if let Some((c, d, _)) = it.next() {
                         b.records += c.count as u64;
@@ -970,7 +995,7 @@ impl Sender {
                 primary,
                 spool_ref: spool_ref.clone(),
             };
-            self.next_batch_id += 1;
+            self.next_batch_id = self.next_batch_id.wrapping_add(1);
             for i in idx {
                 if let Some(c) = slots.get_mut(i).and_then(Option::take) {
                     b.records += c.count as u64;
