@@ -10,6 +10,8 @@ pub mod batch;
 pub mod cli;
 pub mod collector;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod ring;
 pub mod transport;

@@ -37,6 +37,8 @@
 //!
 //! Must not know about rings or routing; consumers only see [`crate::View`]s.
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod identity;
 pub mod keyring;
 mod node;
