@@ -53,7 +53,7 @@ fn new_foca(id: &str, addr: SocketAddr, start: u64, store: Arc<Mutex<RecordStore
         config,
         StdRng::seed_from_u64(0),
         PostcardCodec,
-        RecordHandler::new(store, id.to_string()),
+        RecordHandler::new(store, id.to_string(), None, Default::default()),
     )
 }
 
@@ -144,7 +144,12 @@ pub fn member_record(data: &[u8]) {
         return;
     };
     let store = Arc::new(Mutex::new(RecordStore::default()));
-    let mut handler = RecordHandler::new(store.clone(), FUZZ_SELF_ID.to_string());
+    let mut handler = RecordHandler::new(
+        store.clone(),
+        FUZZ_SELF_ID.to_string(),
+        None,
+        Default::default(),
+    );
     let peer = NodeId::new("fuzz-peer".into(), SELF_ADDR, 2);
     let _ = handler.receive_item(data, Some(&peer));
     let _ = handler.receive_item(data, None);
