@@ -983,18 +983,22 @@ timeout = "5s"
         dead[0]["error"].as_str().unwrap().contains("postgres"),
         "{text}"
     );
-    let metrics = ureq::get(&format!("http://127.0.0.1:{}/metrics", agg.admin))
-        .timeout(Duration::from_secs(5))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("logmesh_sink_dead_letter_records_total{sink=\"pg\"} 1")),
-        "{metrics}"
-    );
+    // the metric follows the store's figures within a second or two
+    let want = "logmesh_sink_dead_letter_records_total{sink=\"pg\"} 1";
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = ureq::get(&format!("http://127.0.0.1:{}/metrics", agg.admin))
+            .timeout(Duration::from_secs(5))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        if metrics.lines().any(|l| l.starts_with(want)) {
+            break;
+        }
+        assert!(Instant::now() < end, "no {want} in\n{metrics}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let dsn = pg.dsn();
     let rt = tokio::runtime::Runtime::new().unwrap();
