@@ -1263,6 +1263,88 @@ mod tests {
         assert_eq!(lines.len() as u64, seq, "every record exactly once");
     }
 
+    /// A disk that is full (writes stop half-way with ENOSPC) while the flag is set.
+    struct FullDisk(Arc<std::sync::atomic::AtomicBool>);
+    struct FullFile(std::fs::File, Arc<std::sync::atomic::AtomicBool>);
+
+    impl crate::collector::spool::SegmentIo for FullDisk {
+        fn open_append(
+            &mut self,
+            path: &std::path::Path,
+        ) -> std::io::Result<Box<dyn crate::collector::spool::SegmentFile>> {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            Ok(Box::new(FullFile(f, self.0.clone())))
+        }
+    }
+
+    impl crate::collector::spool::SegmentFile for FullFile {
+        fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                std::io::Write::write_all(&mut self.0, &buf[..buf.len() / 2])?;
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            std::io::Write::write_all(&mut self.0, buf)
+        }
+        fn sync_data(&mut self) -> std::io::Result<()> {
+            self.0.sync_data()
+        }
+        fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+            self.0.set_len(len)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_disk_under_the_spool_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = Arc::new(MemLink::default());
+        link.state.lock().unwrap().down.insert("a1".into());
+        let mut c = cfg();
+        c.max_buffered_bytes = 8 << 10;
+        c.drain_timeout = Duration::from_secs(60);
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (spool, rec) = Spool::open_with_io(
+            dir.path(),
+            1 << 20,
+            1 << 16,
+            Box::new(FullDisk(full.clone())),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let (_vtx, vrx) = watch::channel(view(&["a1"]));
+        let metrics = Arc::new(Metrics::new());
+        let sender =
+            Sender::new(c, link.clone(), metrics.clone(), Arc::default()).with_spool(spool, rec);
+        let h = tokio::spawn(sender.run(rx, vrx, CancellationToken::new()));
+        let (l2, f2) = (link.clone(), full.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            f2.store(false, std::sync::atomic::Ordering::SeqCst); // space freed
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            l2.state.lock().unwrap().down.clear();
+        });
+        let mut seq = 0;
+        for _ in 0..20 {
+            tx.send(input(40, 25, &mut seq)).await.unwrap();
+        }
+        drop(tx);
+        let out = h.await.unwrap();
+        assert_eq!(out.undelivered_records, 0);
+        assert_eq!(out.delivered_records, seq);
+        let st = link.state.lock().unwrap();
+        let lines: HashSet<&String> = st.received["a1"].iter().map(|(_, l)| l).collect();
+        assert_eq!(lines.len() as u64, seq, "every record exactly once");
+        let failed = metrics
+            .errors
+            .get_or_create(&crate::metrics::KindLabel {
+                kind: "spool_write".into(),
+            })
+            .get();
+        assert!(failed > 0, "the full disk was never hit");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn replication_sends_to_distinct_owners() {
         let link = Arc::new(MemLink::default());
