@@ -31,7 +31,7 @@ const DOMAIN: &[u8] = b"logmesh-member-v1\0";
 /// Most certificates in a chain (leaf + intermediates).
 pub const MAX_CHAIN_CERTS: usize = 4;
 /// Largest encoded chain item; it travels in one gossip datagram.
-pub const MAX_CHAIN_LEN: usize = 1200;
+pub const MAX_CHAIN_LEN: usize = 2400;
 /// Largest signature (ECDSA P-384 DER is 104 bytes, RSA-4096 512).
 pub const MAX_SIGNATURE_LEN: usize = 512;
 /// How far in the future (by the receiver's clock) an incarnation may be: larger ones are

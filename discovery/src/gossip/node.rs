@@ -33,8 +33,10 @@ use super::GossipTiming;
 use crate::auth::{Signer, Verifier};
 use crate::{BackendCtx, Command, Member, MemberState, SharedView};
 
-/// Largest datagram we send or accept (fits a 1500-byte MTU with IP/UDP headers).
-pub(crate) const MAX_DATAGRAM: usize = 1400;
+/// Largest datagram we send or accept. Room for a member's certificate chain (leaf plus a
+/// collector CA: ~1.2 KB with long pod names) next to foca's header; on a 1500-byte MTU the
+/// few datagrams that carry a chain travel as two IP fragments, the rest stay small.
+pub(crate) const MAX_DATAGRAM: usize = 2800;
 /// How long one seed name may take to resolve.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// At most one wrong-key warning of each kind this often.
