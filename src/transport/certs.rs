@@ -828,6 +828,53 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn collector_ca_needs_a_cluster_ca_with_path_length_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // a CA as older versions made it: path length 0
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let cert = params.self_signed(&key).unwrap();
+        fs::write(dir.path().join(CA_CERT_FILE), cert.pem()).unwrap();
+        fs::write(dir.path().join(CA_KEY_FILE), key.serialize_pem()).unwrap();
+        let out = dir.path().join("cca");
+        let err = init_collector_ca(dir.path(), &out, 30, false).unwrap_err();
+        assert!(
+            matches!(err, CertError::RootCannotSignIntermediate { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("certs init --force"), "{err}");
+        assert!(!out.exists());
+
+        // a current CA can; the collector CA is marked and refuses to be replaced silently
+        init_ca(dir.path(), true).unwrap();
+        init_collector_ca(dir.path(), &out, 30, false).unwrap();
+        assert!(is_collector_ca(&der_of(&out.join(COLLECTOR_CA_CERT_FILE))));
+        assert!(!is_collector_ca(&der_of(&dir.path().join(CA_CERT_FILE))));
+        let mode = fs::metadata(out.join(COLLECTOR_CA_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            init_collector_ca(dir.path(), &out, 30, false),
+            Err(CertError::CollectorCaExists { .. })
+        ));
+        // issued collector certificates carry the chain and the cluster CA beside them
+        let node = dir.path().join("node");
+        issue_collector(&out, &node, "col-7", 30).unwrap();
+        let pem = fs::read_to_string(node.join("col-7.pem")).unwrap();
+        assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2);
+        assert_eq!(
+            fs::read(node.join(CA_CERT_FILE)).unwrap(),
+            fs::read(dir.path().join(CA_CERT_FILE)).unwrap()
+        );
+        let (name, role) = parse_identity(&der_of(&node.join("col-7.pem"))).unwrap();
+        assert_eq!((name.as_str(), role), ("col-7", CertRole::Collector));
+    }
+
     proptest! {
         /// Every name we accept is usable as a TLS server name and in a SAN.
         #[test]
