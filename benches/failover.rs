@@ -350,6 +350,24 @@ fn idle_mesh(n: usize, idle: Duration, signed: bool) {
         let addrs: Vec<std::net::SocketAddr> = (0..n)
             .map(|_| std::net::SocketAddr::from(([127, 0, 0, 1], meshutil::free_udp())))
             .collect();
+        // Certificates are made before the clock starts: only the mesh is timed.
+        let mut auths: Vec<std::sync::Arc<dyn logmesh::discovery::auth::MemberAuth>> =
+            Vec::new();
+        for i in 0..n {
+            if !signed {
+                break;
+            }
+            let id = format!("node-{i}");
+            let cert_role = if i < n / 2 {
+                logmesh::transport::CertRole::Aggregator
+            } else {
+                logmesh::transport::CertRole::Collector
+            };
+            logmesh::transport::certs::issue(tls.path(), &id, cert_role, 2).expect("cert");
+            let files = logmesh::transport::TlsFiles::for_node(tls.path(), &id);
+            let auth = logmesh::transport::membership::NodeAuth::load(&files).expect("auth");
+            auths.push(std::sync::Arc::new(auth));
+        }
         let mut nodes = Vec::new();
         let t0 = Instant::now();
         for (i, addr) in addrs.iter().enumerate() {
@@ -365,17 +383,7 @@ fn idle_mesh(n: usize, idle: Duration, signed: bool) {
             } else {
                 Role::Collector
             };
-            if signed {
-                let id = format!("node-{i}");
-                let cert_role = match role {
-                    Role::Aggregator => logmesh::transport::CertRole::Aggregator,
-                    _ => logmesh::transport::CertRole::Collector,
-                };
-                logmesh::transport::certs::issue(tls.path(), &id, cert_role, 2).expect("cert");
-                let files = logmesh::transport::TlsFiles::for_node(tls.path(), &id);
-                let auth = logmesh::transport::membership::NodeAuth::load(&files).expect("auth");
-                cfg.auth = Some(std::sync::Arc::new(auth));
-            }
+            cfg.auth = auths.get(i).cloned();
             let member = Member {
                 id: format!("node-{i}"),
                 role,

@@ -314,6 +314,17 @@ impl Node {
                 other => tracing::debug!(error = %other, "gossip packet ignored"),
             }
         }
+        self.pass_on_resolved();
+    }
+
+    /// Pass on the records that were kept once their chain arrived.
+    fn pass_on_resolved(&mut self) {
+        let items = std::mem::take(&mut lock(&self.store).resolved);
+        for item in items {
+            if let Err(e) = self.foca.add_broadcast(&item) {
+                tracing::debug!(error = %e, "gossip: cannot pass on a member record");
+            }
+        }
     }
 
     fn key_names(&self) -> Vec<String> {

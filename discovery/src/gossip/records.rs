@@ -79,6 +79,9 @@ pub(crate) struct RecordStore {
     forgotten: BTreeMap<String, (u64, u64)>,
     /// The owner's clock (ms since the Unix epoch), set before foca handles input.
     pub(crate) now_ms: u64,
+    /// Signed records that waited for their chain and were kept: the owner task hands them
+    /// to foca to pass on (the handler cannot from inside `receive_item`).
+    pub(crate) resolved: Vec<Vec<u8>>,
 }
 
 /// Whether a record would be kept.
@@ -317,8 +320,14 @@ impl RecordHandler {
         };
         let rec = Record::decode(signed.body)?;
         if sender.is_none() {
-            // Our own add_broadcast.
-            return Ok(self.keep(rec));
+            // Our own add_broadcast: our record, or one that waited for its chain and is
+            // passed on now. Always disseminated.
+            let key = ItemKey::Record {
+                id: rec.member.id.clone(),
+                version: rec.version(),
+            };
+            lock(&self.store).offer(rec);
+            return Ok(Some(key));
         }
         if rec.member.id == self.local_id {
             return self.foreign_copy_of_ours(&rec);
@@ -389,8 +398,11 @@ impl RecordHandler {
                 };
                 for item in waiting {
                     // Its sender is not known any more; any remote sender will do.
-                    let _ =
-                        self.receive_signed(&item, Some(&NodeId::seed(([0, 0, 0, 0], 0).into())));
+                    let anyone = NodeId::seed(([0, 0, 0, 0], 0).into());
+                    if let Ok(Some(_)) = self.receive_signed(&item, Some(&anyone)) {
+                        // Kept now: pass it on (the owner task re-adds it to foca).
+                        lock(&self.store).resolved.push(item);
+                    }
                 }
                 // Our own chain is always (re)broadcast when asked to.
                 Ok((news || sender.is_none()).then_some(ItemKey::Chain(fp)))
