@@ -272,6 +272,26 @@ mod tests {
     }
 
     #[test]
+    fn expiry_survives_a_restart_through_the_side_file() {
+        let day = 24 * 3600 * 1000;
+        let mut w = DedupeWindow::with_limits(10, 100, Duration::from_millis(day));
+        w.insert("idle", 1, 1_000);
+        w.insert("busy", 1, day);
+        let mut buf = Vec::new();
+        for (c, id, t) in w.iter() {
+            encode_entry(c, id, t, &mut buf);
+        }
+        // restart a day and a bit later: what recovery does with the side file
+        let now = day + 2_000;
+        let mut w2 = DedupeWindow::with_limits(10, 100, Duration::from_millis(day));
+        for (c, id, t) in decode_entries(&buf).0 {
+            w2.insert(&c, id, t.unwrap_or(now));
+        }
+        assert_eq!(w2.expire(now), 1);
+        assert!(!w2.contains("idle", 1) && w2.contains("busy", 1));
+    }
+
+    #[test]
     fn old_untimed_entries_are_still_read() {
         let mut buf = Vec::new();
         // the previous format: u16 len | collector | u64 id | crc
