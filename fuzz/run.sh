@@ -12,9 +12,12 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 mkdir -p logs artifacts
 export TMPDIR=${TMPDIR:-/dev/shm}
+# Build once (normal priority, like any build); fuzz at idle priority.
+[ -n "${NO_BUILD:-}" ] || cargo +nightly fuzz build -s none
+bin=target/x86_64-unknown-linux-gnu/release
 for t in "${targets[@]}"; do
-    mkdir -p "corpus/$t"
-    nice -n 19 cargo +nightly fuzz run -s none "$t" "corpus/$t" -- \
+    mkdir -p "corpus/$t" "artifacts/$t"
+    nice -n 19 "$bin/$t" -artifact_prefix="artifacts/$t/" "corpus/$t" \
         -runs=10000000 -max_total_time="$secs" -max_len=65536 -rss_limit_mb=2048 \
         -timeout=10 -print_final_stats=1 \
         >"logs/$t.log" 2>&1 || echo "$t: fuzzer exited non-zero (crash?): see fuzz/logs/$t.log"

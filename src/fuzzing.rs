@@ -71,13 +71,18 @@ pub fn wire_frame(data: &[u8]) {
         }
     }
     if let Ok(ack) = wire::decode_ack(data) {
+        // The encoder cuts messages to 1 KiB; shorter ones must round-trip exactly.
+        let short = match &ack {
+            wire::Ack::Committed => true,
+            wire::Ack::Busy(m) | wire::Ack::Rejected(m) => m.len() <= 1024,
+        };
         let mut out = Vec::new();
         wire::encode_ack(&ack, &mut out);
-        assert_eq!(
-            wire::decode_ack(&out).ok(),
-            Some(ack),
-            "ack does not round-trip"
-        );
+        let again = wire::decode_ack(&out);
+        assert!(again.is_ok(), "an encoded ack does not decode");
+        if short {
+            assert_eq!(again.ok(), Some(ack), "ack does not round-trip");
+        }
     }
 }
 

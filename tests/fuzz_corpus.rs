@@ -116,3 +116,27 @@ fn write_seed_corpus() {
         }
     }
 }
+
+/// Found by the `forward` target: a map whose key is a map whose key is a map… Each level
+/// escaped the JSON text of the key inside it, doubling its size, so 300 bytes of nested
+/// keys took 2^depth time and memory. Depth 20 must be refused, not turned into megabytes.
+#[test]
+fn forward_nested_non_string_map_keys_are_bounded() {
+    use logmesh::collector::input::forward::decode::{ForwardDecoder, Message};
+    // ["app", 1700000000, {{{…{1: 1}: 1}…: 1}: 1}]  (key nested 20 deep)
+    let depth = 20;
+    let mut frame = vec![0x93, 0xa3, b'a', b'p', b'p', 0xce, 0x65, 0x53, 0xf1, 0x00];
+    frame.extend_from_slice(&vec![0x81; depth + 1]);
+    frame.push(0x01);
+    frame.extend_from_slice(&vec![0x01; depth + 1]);
+    let mut dec = ForwardDecoder::new(1 << 20, 1 << 20);
+    dec.feed(&frame);
+    match dec.next(0) {
+        Err(_) => {}
+        Ok(Some(Message::Events(ev))) => {
+            let longest = ev.iter().map(|(_, j)| j.len()).max().unwrap_or(0);
+            panic!("nested keys accepted as a {longest}-byte JSON object");
+        }
+        Ok(other) => panic!("unexpected decode result: {other:?}"),
+    }
+}

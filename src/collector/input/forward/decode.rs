@@ -53,6 +53,8 @@ const MAX_OPTION_ENTRIES: usize = 64;
 const MAX_TAG_BYTES: usize = 4096;
 /// Largest PING field and `chunk` id.
 const MAX_FIELD_BYTES: usize = 1024;
+/// Largest JSON text of a non-string map key (it becomes the key's string).
+const MAX_KEY_JSON_BYTES: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -877,8 +879,19 @@ fn to_json(
                         // a non-string key: its JSON text as the key
                         let mut k = std::mem::take(key);
                         k.clear();
-                        let room = limit.saturating_sub(out.len());
-                        let r = to_json(rd, &mut k, &mut Vec::new(), depth + 1, room);
+                        let room = limit
+                            .saturating_sub(out.len())
+                            .min(MAX_KEY_JSON_BYTES + 1);
+                        let mut r = to_json(rd, &mut k, &mut Vec::new(), depth + 1, room);
+                        // Each level escapes the key text of the level inside it, which
+                        // doubles its size: unbounded, 300 bytes of nested keys take
+                        // 2^depth time and memory.
+                        if r.is_ok() && k.len() > MAX_KEY_JSON_BYTES {
+                            r = Err(DecodeError::Msgpack {
+                                offset: rd.pos,
+                                what: "non-string map key longer than 4096 bytes as JSON",
+                            });
+                        }
                         if r.is_ok() {
                             write_json_str(out, &lossy(&k));
                         }
