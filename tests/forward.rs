@@ -733,9 +733,9 @@ fn gzip_bomb_is_refused_unacknowledged() {
 fn idle_connections_are_capped_and_timed_out() {
     let m = mesh(&[
         "--forward-max-connections",
-        "1000",
+        "100",
         "--forward-idle-timeout",
-        "2s",
+        "3s",
     ]);
     let pid = m._col.child.id();
     std::thread::sleep(Duration::from_millis(300));
@@ -757,7 +757,7 @@ fn idle_connections_are_capped_and_timed_out() {
         }
     }
     let all_closed = t.elapsed();
-    assert!(all_closed < Duration::from_secs(8), "{all_closed:?}");
+    assert!(all_closed < Duration::from_secs(20), "{all_closed:?}");
     drop(conns);
     // honest traffic after them
     let mut c = connect(m.forward);
@@ -765,8 +765,15 @@ fn idle_connections_are_capped_and_timed_out() {
     assert_eq!(read_msgpack(&mut c), ack("after-idle"));
     assert_bounded("3000 idle connections", idle, watch.peak());
     wait_records(&m.out, "forward", 10);
-    assert!(errors_of(m.admin, "forward_conn_limit") >= 1000.0);
-    assert!(errors_of(m.admin, "forward_timeout") >= 900.0);
+    let (limited, timed_out) = (
+        errors_of(m.admin, "forward_conn_limit"),
+        errors_of(m.admin, "forward_timeout"),
+    );
+    // every one closed by the server, refused at the cap or timed out when idle
+    assert!(
+        limited >= 1.0 && timed_out >= 100.0 && limited + timed_out >= 3000.0,
+        "{limited} refused, {timed_out} timed out"
+    );
 }
 
 #[test]

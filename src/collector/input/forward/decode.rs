@@ -487,18 +487,23 @@ impl<'a> Rd<'a> {
     }
 
     /// Step over the next value, checking its markers, lengths and nesting (at most
-    /// [`MAX_DEPTH`] levels below it, as [`to_json`] allows); returns its bytes. Iterative,
-    /// allocation-free.
+    /// [`MAX_DEPTH`] levels below it, as [`to_json`] allows); returns its bytes.
     fn skip(&mut self) -> Result<&'a [u8], DecodeError> {
         let start = self.pos;
+        self.skip_values(1)?;
+        Ok(&self.b[start..self.pos])
+    }
+
+    /// Step over `n` values like [`Rd::skip`]. Iterative, allocation-free.
+    fn skip_values(&mut self, n: u64) -> Result<(), DecodeError> {
         // values still to read on each open level
         let mut left = [0u64; MAX_DEPTH + 1];
         let mut d = 0usize;
-        left[0] = 1;
+        left[0] = n;
         loop {
             while left[d] == 0 {
                 if d == 0 {
-                    return Ok(&self.b[start..self.pos]);
+                    return Ok(());
                 }
                 d -= 1;
             }
@@ -773,7 +778,8 @@ fn time(rd: &mut Rd<'_>, now: i64) -> Result<i64, DecodeError> {
 }
 
 /// The record of a checked entry as one JSON object (non-empty metadata as `_meta`), cut
-/// once it passes `max_record` bytes.
+/// once it passes `max_record` bytes (then longer than `max_record`, so the record builder
+/// cuts and flags it).
 fn transcode(
     e: &Entry<'_>,
     out: &mut Vec<u8>,
@@ -781,7 +787,7 @@ fn transcode(
     max_record: usize,
 ) -> Result<(), DecodeError> {
     let limit = out.len() + max_record.saturating_add(1);
-    to_json(
+    let r = to_json(
         &mut Rd {
             b: e.record,
             pos: 0,
@@ -790,9 +796,10 @@ fn transcode(
         key,
         0,
         limit,
-    )?;
-    if let Some(meta) = e.meta {
-        if out.len() < limit && out.last() == Some(&b'}') {
+    )
+    .and_then(|()| {
+        let Some(meta) = e.meta else { return Ok(()) };
+        if out.last() == Some(&b'}') {
             out.pop();
             if out.last() != Some(&b'{') {
                 out.push(b',');
@@ -801,29 +808,52 @@ fn transcode(
             to_json(&mut Rd { b: meta, pos: 0 }, out, key, 0, limit)?;
             out.push(b'}');
         }
+        Ok(())
+    });
+    match r {
+        Ok(()) => Ok(()),
+        Err(Stop::Cut) => {
+            if out.len() < limit {
+                out.resize(limit, b' ');
+            }
+            Ok(())
+        }
+        Err(Stop::Bad(e)) => Err(e),
     }
-    Ok(())
+}
+
+/// Why transcoding stopped early.
+enum Stop {
+    /// The output reached its limit: the rest of the record is not needed (the entry's
+    /// end is known from the check).
+    Cut,
+    Bad(DecodeError),
+}
+
+impl From<DecodeError> for Stop {
+    fn from(e: DecodeError) -> Self {
+        Stop::Bad(e)
+    }
 }
 
 fn lossy(b: &[u8]) -> Cow<'_, str> {
     String::from_utf8_lossy(b)
 }
 
-/// Transcode the value at `rd` to JSON; once `out` reaches `limit` bytes, values are
-/// skipped (and a long string or ext written only up to it).
+/// Transcode the value at `rd` to JSON, stopping with [`Stop::Cut`] once `out` reaches
+/// `limit` bytes (a long string or ext is written only up to it).
 fn to_json(
     rd: &mut Rd<'_>,
     out: &mut Vec<u8>,
     key: &mut Vec<u8>,
     depth: usize,
     limit: usize,
-) -> Result<(), DecodeError> {
+) -> Result<(), Stop> {
     if depth > MAX_DEPTH {
-        return Err(too_deep(rd.pos));
+        return Err(too_deep(rd.pos).into());
     }
     if out.len() >= limit {
-        rd.skip()?;
-        return Ok(());
+        return Err(Stop::Cut);
     }
     let room = limit - out.len();
     match rd.head()? {
@@ -849,9 +879,6 @@ fn to_json(
         Head::Array(n) => {
             out.push(b'[');
             for i in 0..n {
-                if out.len() >= limit {
-                    return skip_n(rd, n - i);
-                }
                 if i > 0 {
                     out.push(b',');
                 }
@@ -862,9 +889,6 @@ fn to_json(
         Head::Map(n) => {
             out.push(b'{');
             for i in 0..n {
-                if out.len() >= limit {
-                    return skip_n(rd, 2 * (n - i));
-                }
                 if i > 0 {
                     out.push(b',');
                 }
@@ -905,19 +929,11 @@ fn to_json(
             out.push(b'}');
         }
         Head::Reserved => {
-            return Err(DecodeError::Msgpack {
+            return Err(Stop::Bad(DecodeError::Msgpack {
                 offset: rd.pos,
                 what: "reserved marker 0xc1",
-            })
+            }))
         }
-    }
-    Ok(())
-}
-
-/// Step over `n` values (the rest of a cut record; closing brackets are not written).
-fn skip_n(rd: &mut Rd<'_>, n: usize) -> Result<(), DecodeError> {
-    for _ in 0..n {
-        rd.skip()?;
     }
     Ok(())
 }

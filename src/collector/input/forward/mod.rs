@@ -75,6 +75,8 @@ const ACK_POLL: Duration = Duration::from_millis(20);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Records of one read are handed on in batches of about this many bytes.
 pub const PIECE_BYTES: u64 = 1 << 20;
+/// With this much buffered, a frame is checked (and inflated) off the async worker.
+const BLOCKING_DECODE_BYTES: usize = 1 << 20;
 
 /// Settings of the forward input.
 #[derive(Clone)]
@@ -434,7 +436,7 @@ impl Conn {
             let mut handed_on = false;
             let mut failure = None;
             loop {
-                match dec.next(now) {
+                match next_message(&mut dec, now) {
                     Ok(None) => break,
                     Ok(Some(Message::Events(mut evs))) => {
                         if hs.as_ref().is_some_and(|h| !h.authenticated()) {
@@ -510,9 +512,12 @@ impl Conn {
         let batch = acc.take_batch(Some(delivery.clone()));
         tokio::select! {
             biased;
-            r = self.tx.send(batch) => r.map_err(|_| Close::Stopped),
-            _ = self.cancel.cancelled() => Err(Close::Stopped),
+            r = self.tx.send(batch) => r.map_err(|_| Close::Stopped)?,
+            _ = self.cancel.cancelled() => return Err(Close::Stopped),
         }
+        // a big frame's records are built between sends: let other tasks run
+        tokio::task::yield_now().await;
+        Ok(())
     }
 
     /// Send `{"ack": chunk}` for every chunk whose records are delivered.
@@ -537,6 +542,19 @@ impl Conn {
             false
         });
         write(stream, &out).await
+    }
+}
+
+/// The decoder's next message; checking and inflating a big frame is CPU work, so with much
+/// buffered it runs outside the async workers' cooperative scheduling (`block_in_place`, on
+/// the multi-threaded runtime) and `/healthz` and other connections keep being served.
+fn next_message(dec: &mut ForwardDecoder, now: i64) -> Result<Option<Message<'_>>, DecodeError> {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread && dec.buffered() >= BLOCKING_DECODE_BYTES {
+        tokio::task::block_in_place(|| dec.next(now))
+    } else {
+        dec.next(now)
     }
 }
 
