@@ -903,9 +903,7 @@ fn to_json(
                         // a non-string key: its JSON text as the key
                         let mut k = std::mem::take(key);
                         k.clear();
-                        let room = limit
-                            .saturating_sub(out.len())
-                            .min(MAX_KEY_JSON_BYTES + 1);
+                        let room = limit.saturating_sub(out.len()).min(MAX_KEY_JSON_BYTES + 1);
                         let mut r = to_json(rd, &mut k, &mut Vec::new(), depth + 1, room);
                         // Each level escapes the key text of the level inside it, which
                         // doubles its size: unbounded, 300 bytes of nested keys take
