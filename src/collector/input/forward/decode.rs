@@ -908,11 +908,11 @@ fn to_json(
                         // Each level escapes the key text of the level inside it, which
                         // doubles its size: unbounded, 300 bytes of nested keys take
                         // 2^depth time and memory.
-                        if r.is_ok() && k.len() > MAX_KEY_JSON_BYTES {
-                            r = Err(DecodeError::Msgpack {
+                        if k.len() > MAX_KEY_JSON_BYTES {
+                            r = Err(Stop::Bad(DecodeError::Msgpack {
                                 offset: rd.pos,
                                 what: "non-string map key longer than 4096 bytes as JSON",
-                            });
+                            }));
                         }
                         if r.is_ok() {
                             write_json_str(out, &lossy(&k));
