@@ -35,6 +35,7 @@ use std::io::Read as _;
 use base64::Engine as _;
 
 use crate::collector::parse::write_json_str;
+use crate::collector::record::DEFAULT_MAX_RECORD_BYTES;
 
 /// Default largest frame (one top-level msgpack value): 64 MiB.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 << 20;
@@ -42,8 +43,6 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 << 20;
 pub const DEFAULT_MAX_DECOMPRESSED_BYTES: usize = 64 << 20;
 /// Largest frame before the shared-key handshake is done (a PING is a few hundred bytes).
 pub const MAX_PREAUTH_FRAME_BYTES: usize = 64 * 1024;
-/// Default largest record, as JSON (the collector's `max-record-bytes`).
-const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
 /// Nesting allowed inside a record.
 const MAX_DEPTH: usize = 64;
 /// Largest option map (the last element of a frame), in bytes and in entries.
